@@ -1,0 +1,1 @@
+"""Similarity math (pure numpy) and its distributed execution on Ray."""
