@@ -1,0 +1,207 @@
+"""Distributed accumulation of a plan's statistics on Ray.
+
+The work itself is plain code (:func:`accumulate_tile`, :func:`merge_parts`), testable without
+a cluster; Ray is applied once, at the edge, in :func:`run_tiles`. Each task reads its row
+range block by block for the units of one tile, prefetching the next block while the current
+one multiplies, and returns its partial moments, so Ray can rebuild a lost partial by running
+the task again. Partials of a tile are merged in a tree of tasks (exact, associative merges).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from cluster.moments import CrossMoments, block_moments, merge, merge_all
+
+# Transient storage errors are retried by Ray; user errors are not (they would fail again).
+TASK_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class TileTask:
+    """One task: the moments of tile (group a, group b) over rows [start, stop).
+
+    units_a / units_b: (model, layer) of each unit, in column order; units_b is None for a
+    diagonal tile (a == b), whose symmetric product is computed once.
+    """
+
+    units_a: tuple[tuple[str, str], ...]
+    widths_a: tuple[int, ...]
+    units_b: tuple[tuple[str, str], ...] | None
+    widths_b: tuple[int, ...] | None
+    start: int
+    stop: int
+    block_rows: int
+    fourth: bool
+    precision: str
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def read_group(store, units, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of several units side by side: ndarray (stop - start, sum widths)."""
+    parts = [store.read(model, layer, start, stop) for model, layer in units]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def _blocks(task: TileTask) -> Iterator[tuple[int, int]]:
+    for start in range(task.start, task.stop, task.block_rows):
+        yield start, min(start + task.block_rows, task.stop)
+
+
+def accumulate_tile(store, task: TileTask) -> CrossMoments:
+    """Stream a task's rows block by block and return the tile's merged moments."""
+    gemm_dtype = np.float32 if task.precision == "float32" else np.float64
+
+    def read(block: tuple[int, int]):
+        za = read_group(store, task.units_a, *block)
+        zb = None if task.units_b is None else read_group(store, task.units_b, *block)
+        return za, zb
+
+    total: CrossMoments | None = None
+    blocks = list(_blocks(task))
+    # One reader thread: the next block's I/O overlaps this block's GEMM (BLAS drops the GIL).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, blocks[0])
+        for k in range(len(blocks)):
+            za, zb = pending.result()
+            if k + 1 < len(blocks):
+                pending = pool.submit(read, blocks[k + 1])
+            part = block_moments(
+                za,
+                zb,
+                widths_a=task.widths_a,
+                widths_b=task.widths_b,
+                fourth=task.fourth,
+                gemm_dtype=gemm_dtype,
+            )
+            total = part if total is None else merge(total, part)
+    return total
+
+
+def merge_parts(*parts: CrossMoments) -> CrossMoments:
+    return merge_all(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray, at the edge.
+
+
+def connect(address: str | None = None, workers: int | None = None) -> int:
+    """Connect to a cluster (address or RAY_ADDRESS) or start an embedded local instance.
+
+    The embedded instance listens on loopback, has no dashboard and as many CPUs as the
+    machine (or `workers`). Returns the number of CPUs the cluster offers.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        common = dict(logging_level="ERROR", log_to_driver=False, configure_logging=True)
+        if address:
+            ray.init(address=address, **common)
+        else:
+            ray.init(
+                num_cpus=workers or os.cpu_count(),
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                **common,
+            )
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _remote_functions():
+    import ray
+
+    accumulate = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=[OSError])(
+        accumulate_tile
+    )
+    merge_remote = ray.remote(max_retries=TASK_RETRIES)(merge_parts)
+    return accumulate, merge_remote
+
+
+def _tree(refs: list, merge_remote, fan_in: int = 4):
+    while len(refs) > 1:
+        refs = [
+            merge_remote.remote(*refs[i : i + fan_in]) if len(refs[i : i + fan_in]) > 1
+            else refs[i]
+            for i in range(0, len(refs), fan_in)
+        ]
+    return refs[0]
+
+
+def run_tiles(
+    store,
+    tasks: dict[tuple[int, int], list[TileTask]],
+    progress: Callable[[int], None] | None = None,
+) -> dict[tuple[int, int], CrossMoments]:
+    """Run every task on the connected Ray cluster and merge each tile's partials.
+
+    tasks: tile -> its row-range tasks. progress(rows) is called as tasks finish, with the
+    rows they covered divided evenly over the tiles (so a full pass reports the job's rows).
+    """
+    import ray
+
+    accumulate, merge_remote = _remote_functions()
+    store_ref = ray.put(store)
+    n_tiles = len(tasks)
+    refs: dict[tuple[int, int], list] = {}
+    rows_of = {}
+    for tile, ts in tasks.items():
+        refs[tile] = [accumulate.remote(store_ref, t) for t in ts]
+        rows_of.update({ref: t.rows / n_tiles for ref, t in zip(refs[tile], ts, strict=True)})
+    finals = {tile: _tree(list(rs), merge_remote) for tile, rs in refs.items()}
+
+    pending = [r for rs in refs.values() for r in rs]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+        for r in done:
+            if progress:
+                progress(rows_of[r])
+    return dict(zip(finals, ray.get(list(finals.values())), strict=True))
+
+
+class Progress:
+    """Rows done, rate and ETA on stderr: a live bar on a terminal, a line per stage elsewhere."""
+
+    def __init__(self, total_rows: int, label: str = "accumulate", stream=None):
+        self.total = max(1, total_rows)
+        self.done = 0.0
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.live = getattr(self.stream, "isatty", lambda: False)()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, rows: float) -> None:
+        # Tasks report fractions of rows (their rows spread over the tiles): round at the end.
+        self.done = min(self.total, self.done + rows)
+        if not self.live:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        frac = self.done / self.total
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        eta_s = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
+        self.stream.write(
+            f"\r{self.label} [{bar}] {int(self.done):,}/{self.total:,} rows "
+            f"{rate:,.0f} rows/s ETA {eta_s}"
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        elapsed = time.perf_counter() - self.t0
+        if self.live:
+            self.stream.write("\n")
+        self.stream.write(f"{self.label}: {round(self.done):,} rows in {elapsed:.1f} s\n")
+        self.stream.flush()

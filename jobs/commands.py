@@ -1,0 +1,126 @@
+"""Subcommands of `repscope` for jobs: run, show, report, submit, status, logs, stop."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from jobs import report as report_mod
+from jobs import submit as submit_mod
+
+
+def _address(parser, required: bool = False) -> None:
+    parser.add_argument(
+        "--address",
+        required=required,
+        help="Ray cluster: for run, a GCS address (HOST:6379) or ray:// URL (default: "
+        "RAY_ADDRESS, else an embedded local instance); for submit/status/logs/stop, the "
+        "dashboard URL http://HOST:8265",
+    )
+
+
+def cmd_run(args) -> int:
+    from jobs.run import run_job
+    from jobs.spec import load_spec
+
+    spec = load_spec(args.spec)
+    summary = run_job(spec, address=args.address, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        print(
+            f"done: {summary.units} units, {summary.pairs_computed} of {summary.pairs_total} "
+            f"pairs computed, {summary.rows:,} rows, {summary.seconds:.1f} s -> {summary.output}"
+        )
+    return 0
+
+
+def cmd_show(args) -> int:
+    from jobs.results import open_results
+
+    ds = open_results(args.results)
+    text = report_mod.show_json(ds, args.metric) if args.json else report_mod.show_text(
+        ds, args.metric)
+    print(text)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from jobs.results import open_results
+
+    ds = open_results(args.results)
+    files = report_mod.write_report(ds, args.out, args.metric)
+    for path in files:
+        print(path)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    job_id = submit_mod.submit(
+        args.spec, args.address, submission_id=args.submission_id, overwrite=args.overwrite
+    )
+    print(job_id)
+    if not args.wait:
+        return 0
+    state = submit_mod.wait(args.address, job_id, out=sys.stderr)
+    print(f"job {job_id}: {state}", file=sys.stderr)
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def cmd_status(args) -> int:
+    info = submit_mod.status(args.address, args.id)
+    print(json.dumps(info) if args.json else f"{info['submission_id']}: {info['status']}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    sys.stdout.write(submit_mod.logs(args.address, args.id))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    stopped = submit_mod.stop(args.address, args.id)
+    print(f"{args.id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run a job spec on Ray and write its results store")
+    p.add_argument("spec", help="job spec (YAML)")
+    _address(p)
+    p.add_argument("--json", action="store_true", help="last line of stdout: a JSON summary")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output that holds results of a different spec")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("show", help="print a results store's matrices, model-pair blocks")
+    p.add_argument("results", help="results store URL")
+    p.add_argument("--metric", help="only this metric")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("report", help="write PNG heatmaps of a results store")
+    p.add_argument("results", help="results store URL")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--metric", help="only this metric")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs API)")
+    p.add_argument("spec", help="job spec (YAML)")
+    _address(p, required=True)
+    p.add_argument("--wait", action="store_true", help="follow the logs; exit 1 if it fails")
+    p.add_argument("--submission-id", help="idempotent id: resubmitting it does nothing")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, text in (
+        ("status", cmd_status, "state of a submitted job"),
+        ("logs", cmd_logs, "logs of a submitted job"),
+        ("stop", cmd_stop, "stop a submitted job"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("id", help="submission id printed by submit")
+        _address(p, required=True)
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)

@@ -1,0 +1,192 @@
+"""Planning: which units, which column groups and tiles, which row ranges.
+
+A job's statistics are the centered cross moments of all its units' columns. Units are packed
+into column *groups* (consecutive in unit order) small enough that one *tile* (group a x
+group b, a <= b) fits a worker's memory; each tile is accumulated over *row ranges* by
+independent tasks whose partial moments merge exactly. With one group (the common case) every
+row shard is read once for all units.
+
+Everything here is pure: it looks at store metadata, never at data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from jobs.spec import JobSpec, closest
+from store.errors import InputError, NotFoundError
+
+# Per tile a task holds the float64 accumulator, the block product and a merge temporary.
+_TILE_COPIES = 3
+_BLOCK_BYTES = 64 << 20  # float32 input rows per GEMM block, per tile (both groups)
+_MIN_BLOCK_ROWS = 256
+_MAX_BLOCK_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class PlannedUnit:
+    model: str
+    layer: str
+    features: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}/{self.layer}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a job computes and how the work is split.
+
+    units: the job's units in matrix order (models in spec order, layers in store order).
+    groups: unit indices of each column group, consecutive and in unit order.
+    tiles: (group a, group b) with a <= b; every unit pair (i <= j) lies in exactly one.
+    row_ranges: [start, stop) of each task's rows; together they cover rows once.
+    block_rows: rows per GEMM inside a task.
+    """
+
+    units: tuple[PlannedUnit, ...]
+    groups: tuple[tuple[int, ...], ...]
+    tiles: tuple[tuple[int, int], ...]
+    row_ranges: tuple[tuple[int, int], ...]
+    block_rows: int
+    rows: tuple[int, int]
+    workers: int
+    memory_per_worker: int
+    fourth: bool
+    precision: str
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+    @property
+    def n_pairs(self) -> int:
+        u = len(self.units)
+        return u * (u + 1) // 2
+
+    def group_of(self, unit: int) -> tuple[int, int]:
+        """(group index, position inside the group) of a unit."""
+        for g, members in enumerate(self.groups):
+            if unit in members:
+                return g, members.index(unit)
+        raise IndexError(unit)
+
+    def widths(self, group: int) -> tuple[int, ...]:
+        return tuple(self.units[u].features for u in self.groups[group])
+
+    def gemm_flops(self) -> float:
+        """Multiply-add flops (2 per MAC) of the accumulation: symmetric tiles counted half."""
+        total = 0.0
+        for a, b in self.tiles:
+            da, db = sum(self.widths(a)), sum(self.widths(b))
+            total += 2.0 * self.n_rows * da * db * (0.5 if a == b else 1.0)
+        return total
+
+
+def select_units(spec: JobSpec, store) -> tuple[PlannedUnit, ...]:
+    """The spec's units, checked against the store; unknown names are refused with a hint."""
+    models = store.models()
+    if not models:
+        raise InputError(f"store {store.url} holds no units yet; ingest activations first")
+    chosen = spec.models if spec.models is not None else tuple(models)
+    for m in chosen:
+        if m not in models:
+            raise NotFoundError(f"model {m!r} is not in store {store.url}{closest(m, models)}")
+    if isinstance(spec.layers, dict):
+        for m in spec.layers:
+            if m not in chosen:
+                raise InputError(f"layers lists model {m!r}, which the job does not include")
+    units = []
+    for m in chosen:
+        available = store.layers(m)
+        if spec.layers is None:
+            wanted = available
+        elif isinstance(spec.layers, dict):
+            wanted = spec.layers.get(m, available)
+        else:
+            wanted = spec.layers
+        for layer in wanted:
+            if layer not in available:
+                raise NotFoundError(
+                    f"layer {layer!r} of model {m!r} is not in store {store.url}"
+                    f"{closest(layer, available)}"
+                )
+            units.append(PlannedUnit(m, layer, store.unit_info(m, layer).features))
+    return tuple(units)
+
+
+def resolve_rows(spec: JobSpec, n_rows: int) -> tuple[int, int]:
+    start, stop = spec.rows
+    stop = n_rows if stop is None else stop
+    if stop > n_rows:
+        raise InputError(f"rows.stop is {stop} but the store has only {n_rows} rows")
+    if stop - start < 3:
+        raise InputError(f"rows [{start}, {stop}) hold {stop - start} rows; at least 3 are needed")
+    return start, stop
+
+
+def default_memory_per_worker(workers: int) -> int:
+    """Half of this machine's memory shared among the workers."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return max(256 << 20, total // (2 * max(1, workers)))
+
+
+def make_groups(widths: list[int], max_width: int) -> tuple[tuple[int, ...], ...]:
+    """Pack consecutive units into as few groups of total width <= max_width as possible,
+    balanced so the tiles have similar cost. A unit wider than max_width is a group alone."""
+    target = sum(widths) / max(1, math.ceil(sum(widths) / max_width))
+    groups: list[list[int]] = [[]]
+    width = 0
+    for i, w in enumerate(widths):
+        # Close the group when this unit would overflow it, or would push it past the
+        # balanced target by more than half the unit's own width.
+        if groups[-1] and (width + w > max_width or width + w / 2 > target):
+            groups.append([])
+            width = 0
+        groups[-1].append(i)
+        width += w
+    return tuple(tuple(g) for g in groups)
+
+
+def make_plan(spec: JobSpec, store, *, workers: int) -> Plan:
+    """Check the spec against the store and split the work. Reads metadata only."""
+    from cluster.metrics import METRICS
+
+    units = select_units(spec, store)
+    n_rows = store.n_rows or 0
+    rows = resolve_rows(spec, n_rows)
+    memory = spec.compute.memory_per_worker or default_memory_per_worker(workers)
+    max_width = max(1, int(math.sqrt(memory / (8 * _TILE_COPIES))))
+    groups = make_groups([u.features for u in units], max_width)
+    tiles = tuple((a, b) for a in range(len(groups)) for b in range(a, len(groups)))
+
+    widest_tile = max(
+        sum(units[i].features for i in groups[a]) + sum(units[i].features for i in groups[b])
+        for a, b in tiles
+    )
+    block_rows = spec.compute.block_rows or int(
+        min(_MAX_BLOCK_ROWS, max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // (4 * widest_tile)))
+    )
+    n = rows[1] - rows[0]
+    # Enough tasks to keep every worker busy twice over, but never a task of less than a block.
+    splits = max(1, min(math.ceil(2 * workers / len(tiles)), math.ceil(n / block_rows)))
+    edges = [rows[0] + (n * k) // splits for k in range(splits + 1)]
+    row_ranges = tuple((edges[k], edges[k + 1]) for k in range(splits))
+    return Plan(
+        units=units,
+        groups=groups,
+        tiles=tiles,
+        row_ranges=row_ranges,
+        block_rows=block_rows,
+        rows=rows,
+        workers=workers,
+        memory_per_worker=memory,
+        fourth=any(METRICS[m].needs_fourth for m in spec.metrics),
+        precision=spec.compute.precision,
+    )

@@ -1,0 +1,144 @@
+"""Show and draw results: labelled model-pair blocks as text, JSON or PNG heatmaps.
+
+Heatmaps follow the seed post's Figures 1 and 2: one panel per metric for a pair of models,
+rows = layers of the first model, columns = layers of the second, a colour bar, and a title
+that says which direction means "more similar".
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from jobs.spec import closest
+from store.errors import InputError
+
+
+def metric_names(ds) -> list[str]:
+    return [str(name) for name in ds.data_vars]
+
+
+def _pick(ds, metric: str | None) -> list[str]:
+    names = metric_names(ds)
+    if metric is None:
+        return names
+    if metric not in names:
+        raise InputError(f"metric {metric!r} is not in these results{closest(metric, names)}")
+    return [metric]
+
+
+def models(ds) -> list[str]:
+    seen: list[str] = []
+    for m in ds["model_x"].values.tolist():
+        if m not in seen:
+            seen.append(m)
+    return seen
+
+
+def block(ds, metric: str, model_a: str, model_b: str):
+    """(layers of a, layers of b, values) of one model-pair block of a metric's matrix."""
+    mx = ds["model_x"].values
+    my = ds["model_y"].values
+    ix = np.flatnonzero(mx == model_a)
+    iy = np.flatnonzero(my == model_b)
+    values = ds[metric].values[np.ix_(ix, iy)]
+    return ds["layer_x"].values[ix].tolist(), ds["layer_y"].values[iy].tolist(), values
+
+
+def model_pairs(ds) -> list[tuple[str, str]]:
+    """Every unordered model pair, and each model with itself."""
+    ms = models(ds)
+    return [(a, a) for a in ms] + list(itertools.combinations(ms, 2))
+
+
+def direction_text(ds, metric: str) -> str:
+    direction = ds[metric].attrs.get("direction", "similarity")
+    return "higher = more similar" if direction == "similarity" else "lower = more similar"
+
+
+def show_text(ds, metric: str | None = None) -> str:
+    """Every model-pair block of the chosen metrics as aligned text tables."""
+    lines = []
+    for name in _pick(ds, metric):
+        for a, b in model_pairs(ds):
+            la, lb, values = block(ds, name, a, b)
+            lines.append(f"{name} ({direction_text(ds, name)}): {a} (rows) vs {b} (columns)")
+            width = max(8, *(len(str(x)) for x in lb))
+            head = max(len(str(x)) for x in la)
+            lines.append(" " * head + " " + " ".join(f"{str(x):>{width}}" for x in lb))
+            for layer, row in zip(la, values, strict=True):
+                cells = " ".join(f"{v:>{width}.4f}" for v in row)
+                lines.append(f"{str(layer):<{head}} {cells}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def show_json(ds, metric: str | None = None) -> str:
+    out = {
+        "units": [f"{m}/{layer}" for m, layer in zip(
+            ds["model_x"].values.tolist(), ds["layer_x"].values.tolist(), strict=True)],
+        "metrics": {
+            name: {
+                "direction": ds[name].attrs.get("direction"),
+                "values": np.where(np.isfinite(ds[name].values), ds[name].values, None).tolist(),
+            }
+            for name in _pick(ds, metric)
+        },
+    }
+    return json.dumps(out)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def heatmap(ax, ds, metric: str, model_a: str, model_b: str):
+    la, lb, values = block(ds, metric, model_a, model_b)
+    direction = ds[metric].attrs.get("direction", "similarity")
+    # Same colour for "similar" whatever the direction: distances use the reversed map.
+    cmap = "magma" if direction == "similarity" else "magma_r"
+    image = ax.imshow(values, cmap=cmap, origin="lower", aspect="auto")
+    ax.set_xticks(range(len(lb)), lb, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(la)), la, fontsize=7)
+    ax.set_xlabel(f"{model_b} layer")
+    ax.set_ylabel(f"{model_a} layer")
+    ax.set_title(f"{metric}\n({direction}: {direction_text(ds, metric)})", fontsize=9)
+    return image
+
+
+def write_report(ds, out_dir: str | Path, metric: str | None = None) -> list[Path]:
+    """PNG heatmaps: one per model pair and metric, plus one per model pair with every
+    chosen metric side by side. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = _pick(ds, metric)
+    written = []
+    for a, b in model_pairs(ds):
+        fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.2), squeeze=False)
+        for ax, name in zip(axes[0], names, strict=True):
+            fig.colorbar(heatmap(ax, ds, name, a, b), ax=ax, fraction=0.046)
+        fig.suptitle(f"{a} vs {b}")
+        fig.tight_layout()
+        path = out / f"{_safe(a)}__vs__{_safe(b)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        for name in names:
+            fig, ax = plt.subplots(figsize=(5, 4.2))
+            fig.colorbar(heatmap(ax, ds, name, a, b), ax=ax, fraction=0.046)
+            fig.suptitle(f"{a} vs {b}")
+            fig.tight_layout()
+            path = out / f"{_safe(name)}__{_safe(a)}__vs__{_safe(b)}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written

@@ -1,0 +1,159 @@
+"""Run a job: spec -> plan -> Ray accumulation -> finalizers -> results store.
+
+Everything that can be refused is refused before Ray starts: the spec, the store, the
+models, layers and rows, and an output holding another spec's results. Nothing is written
+until every matrix is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from cluster.execute import Progress, TileTask, connect, run_tiles
+from cluster.metrics import METRICS, similarity_matrices
+from cluster.moments import pair_moments, unit_moments
+from jobs.plan import Plan, make_plan
+from jobs.results import build_dataset, check_output, write_results
+from jobs.spec import JobSpec
+from store import ActivationStore, redact
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run did; `to_dict` is the `--json` line."""
+
+    output: str
+    units: int
+    pairs_total: int
+    pairs_computed: int
+    pairs_reused: int
+    rows: int
+    seconds: float
+    metrics: tuple[str, ...]
+    tiles: int
+    tasks: int
+    gemm_flops: float
+    accumulate_seconds: float
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["metrics"] = list(self.metrics)
+        return d
+
+
+def tile_tasks(plan: Plan) -> dict[tuple[int, int], list[TileTask]]:
+    """Every tile's tasks, one per row range."""
+    def units(g: int):
+        return tuple((plan.units[i].model, plan.units[i].layer) for i in plan.groups[g])
+
+    tasks = {}
+    for a, b in plan.tiles:
+        tasks[(a, b)] = [
+            TileTask(
+                units_a=units(a),
+                widths_a=plan.widths(a),
+                units_b=None if a == b else units(b),
+                widths_b=None if a == b else plan.widths(b),
+                start=start,
+                stop=stop,
+                block_rows=plan.block_rows,
+                fourth=plan.fourth,
+                precision=plan.precision,
+            )
+            for start, stop in plan.row_ranges
+        ]
+    return tasks
+
+
+def finalize(plan: Plan, tiles, metrics, *, svcca_threshold: float):
+    """Similarity matrices from the merged tiles: per-unit work once, then every pair."""
+    where = [plan.group_of(i) for i in range(len(plan.units))]
+    units = [unit_moments(tiles[(g, g)], pos) for g, pos in where]
+
+    def cross(i: int, j: int):
+        # The driver asks for i <= j only, and groups are consecutive in unit order, so unit
+        # i's group never comes after unit j's: the pair lies in tile (gi, gj).
+        (gi, pi), (gj, pj) = where[i], where[j]
+        return pair_moments(tiles[(gi, gj)], pi, pj)
+
+    return similarity_matrices(
+        units,
+        cross,
+        metrics,
+        names=[u.label for u in plan.units],
+        svcca_threshold=svcca_threshold,
+    )
+
+
+def spec_identity(spec: JobSpec) -> str:
+    return json.dumps(spec.identity(), sort_keys=True)
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    log: TextIO | None = None,
+) -> RunSummary:
+    """Run a job end to end and write its results store. See the module docstring."""
+    log = log or sys.stderr
+    t0 = time.perf_counter()
+    store = ActivationStore.open(spec.store, spec.storage_options)
+    identity = spec_identity(spec)
+    check_output(spec.output, identity, spec.storage_options, overwrite)
+    # A first plan checks every name and the rows before Ray starts.
+    make_plan(spec, store, workers=spec.compute.workers or os.cpu_count() or 1)
+
+    cpus = connect(address, spec.compute.workers)
+    plan = make_plan(spec, store, workers=spec.compute.workers or cpus)
+    tasks = tile_tasks(plan)
+    n_tasks = sum(len(t) for t in tasks.values())
+    print(
+        f"plan: {len(plan.units)} units, {plan.n_pairs} pairs, {plan.n_rows:,} rows, "
+        f"{len(plan.tiles)} tile(s) x {len(plan.row_ranges)} row range(s) on {plan.workers} "
+        f"worker(s), {plan.precision} GEMMs",
+        file=log,
+    )
+    progress = Progress(plan.n_rows, "accumulate", stream=log)
+    t_acc = time.perf_counter()
+    tiles = run_tiles(store, tasks, progress)
+    accumulate_seconds = time.perf_counter() - t_acc
+    progress.close()
+
+    t_fin = time.perf_counter()
+    matrices = finalize(plan, tiles, spec.metrics, svcca_threshold=spec.compute.svcca_threshold)
+    print(f"finalize: {plan.n_pairs} pairs in {time.perf_counter() - t_fin:.1f} s", file=log)
+
+    ds = build_dataset(
+        matrices,
+        [(u.model, u.layer) for u in plan.units],
+        {m: METRICS[m].direction for m in spec.metrics},
+        {
+            "spec": json.dumps(spec.to_dict(), sort_keys=True),
+            "spec_identity": identity,
+            "store_fingerprint": store.row_fingerprint or "",
+            "rows": list(plan.rows),
+        },
+    )
+    write_results(ds, spec.output, spec.storage_options)
+    print(f"results: {redact(spec.output)}", file=log)
+    return RunSummary(
+        output=redact(spec.output),
+        units=len(plan.units),
+        pairs_total=plan.n_pairs,
+        pairs_computed=plan.n_pairs,
+        pairs_reused=0,
+        rows=plan.n_rows,
+        seconds=round(time.perf_counter() - t0, 3),
+        metrics=tuple(spec.metrics),
+        tiles=len(plan.tiles),
+        tasks=n_tasks,
+        gemm_flops=plan.gemm_flops(),
+        accumulate_seconds=round(accumulate_seconds, 3),
+    )

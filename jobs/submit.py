@@ -1,0 +1,140 @@
+"""Hand jobs to a Ray cluster through the Ray Jobs API (ray.job_submission).
+
+The spec travels as the job's working directory (one small file), and the entrypoint is
+`repscope run spec.yaml --json` on the cluster, so a submitted job is exactly a local run
+executed there. Clusters started by `ray start` on Ray 2.59+ use token authentication:
+clients need RAY_AUTH_MODE=token and the cluster's token (~/.ray/auth_token or
+RAY_AUTH_TOKEN); the token is never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TextIO
+
+from store.errors import InputError, NotFoundError, RepscopeError
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+_SUBMISSION_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def client(address: str):
+    """A JobSubmissionClient for an http(s) dashboard address, with errors users can act on."""
+    from ray.job_submission import JobSubmissionClient
+
+    if not re.match(r"^https?://[^/\s]+", address or ""):
+        raise InputError(
+            f"--address must be the cluster's dashboard URL such as http://HOST:8265, "
+            f"got {address!r}"
+        )
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # ray raises bare Exceptions/ConnectionErrors here
+        raise RepscopeError(_connection_message(address, exc)) from None
+
+
+def _connection_message(address: str, exc: Exception) -> str:
+    text = str(exc)
+    if "uthentication" in text:
+        return (
+            f"the Ray cluster at {address} requires token authentication: set "
+            "RAY_AUTH_MODE=token and make its token available (~/.ray/auth_token or "
+            "RAY_AUTH_TOKEN)"
+        )
+    return f"cannot reach the Ray Jobs API at {address}: {type(exc).__name__}"
+
+
+def submit(
+    spec_path: str | Path,
+    address: str,
+    *,
+    submission_id: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Submit `repscope run` of a spec file; returns the submission id.
+
+    An explicit submission_id makes submission idempotent: if a job with that id exists
+    already, its id is returned and nothing new is submitted (safe for schedulers).
+    """
+    from jobs.spec import load_spec
+
+    spec_path = Path(spec_path)
+    load_spec(spec_path)  # refuse a bad spec here, not on the cluster
+    if submission_id is not None and not _SUBMISSION_ID.match(submission_id):
+        raise InputError(f"submission id {submission_id!r} may hold only letters, digits, _ . -")
+    c = client(address)
+    if submission_id is not None:
+        try:
+            c.get_job_info(submission_id)
+            return submission_id
+        except RuntimeError:
+            pass  # no such job yet
+    workdir = Path(tempfile.mkdtemp(prefix="repscope-submit-"))
+    try:
+        shutil.copyfile(spec_path, workdir / "spec.yaml")
+        entrypoint = "repscope run spec.yaml --json" + (" --overwrite" if overwrite else "")
+        return c.submit_job(
+            entrypoint=entrypoint,
+            submission_id=submission_id,
+            runtime_env={"working_dir": str(workdir)},
+            metadata={"tool": "repscope", "spec": spec_path.name},
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _known(c, submission_id: str):
+    try:
+        return c.get_job_info(submission_id)
+    except RuntimeError:
+        raise NotFoundError(f"no job {submission_id!r} on this cluster") from None
+
+
+def status(address: str, submission_id: str) -> dict:
+    info = _known(client(address), submission_id)
+    return {
+        "submission_id": submission_id,
+        "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+        "message": info.message or "",
+        "entrypoint": info.entrypoint,
+    }
+
+
+def logs(address: str, submission_id: str) -> str:
+    c = client(address)
+    _known(c, submission_id)
+    return c.get_job_logs(submission_id)
+
+
+def stop(address: str, submission_id: str) -> bool:
+    c = client(address)
+    _known(c, submission_id)
+    return bool(c.stop_job(submission_id))
+
+
+def wait(address: str, submission_id: str, *, out: TextIO | None = None, poll: float = 1.0) -> str:
+    """Follow a job's logs until it ends; returns its final status."""
+    out = out or sys.stdout
+    c = client(address)
+    _known(c, submission_id)
+
+    async def follow():
+        async for chunk in c.tail_job_logs(submission_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(follow())
+    except Exception:  # log streaming is best effort; status below is authoritative
+        pass
+    while True:
+        state = status(address, submission_id)["status"]
+        if state in TERMINAL:
+            return state
+        time.sleep(poll)
