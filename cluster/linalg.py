@@ -1,0 +1,86 @@
+"""Small linear-algebra helpers shared by :mod:`cluster.moments` and :mod:`cluster.metrics`.
+
+Pure numpy/scipy, no I/O. Column groups are described by unit widths: a group of k units of
+widths (w1, ..., wk) is the matrix [X1 .. Xk] with w1 + ... + wk columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "unit_offsets",
+    "unit_slice",
+    "unit_sums",
+    "centered_gram",
+    "cross_product",
+    "sorted_eigh",
+    "inverse_sqrt",
+]
+
+
+def unit_offsets(widths: Sequence[int]) -> np.ndarray:
+    """Start column of each unit: ndarray of shape (n_units,), int."""
+    return np.concatenate(([0], np.cumsum(widths[:-1]))).astype(np.intp)
+
+
+def unit_slice(widths: Sequence[int], u: int) -> slice:
+    """Columns of unit ``u`` inside a group with unit widths ``widths``."""
+    start = int(sum(widths[:u]))
+    return slice(start, start + int(widths[u]))
+
+
+def unit_sums(a: np.ndarray, widths: Sequence[int], axis: int) -> np.ndarray:
+    """Sum ``a`` over each unit's columns (``axis`` runs over a group's columns).
+
+    One ``np.add.reduceat`` pass: O(size of ``a``). Units of width 0 are not supported (a unit
+    has at least one feature), which keeps the reduceat offsets strictly increasing.
+    """
+    return np.add.reduceat(a, unit_offsets(widths), axis=axis)
+
+
+def centered_gram(zc: np.ndarray) -> np.ndarray:
+    """Symmetric product ``zc^T zc`` as float64: ndarray of shape (d, d).
+
+    numpy recognises ``a.T @ a`` (same buffer) and calls BLAS syrk, half the flops of a GEMM,
+    mirroring the triangle itself; measured faster here than scipy's ``dsyrk``/``ssyrk``
+    wrappers (OpenBLAS 0.3.31, 2 cores: 0.10 s vs 0.19 s for 4096 x 2048 float32).
+    """
+    return (zc.T @ zc).astype(np.float64, copy=False)
+
+
+def cross_product(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
+    """``za^T zb`` as float64 for za (n_rows, d_a) and zb (n_rows, d_b): one BLAS GEMM."""
+    # numpy passes the transposed view to gemm with a transpose flag: no copy of za.
+    return (za.T @ zb).astype(np.float64, copy=False)
+
+
+def sorted_eigh(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigendecomposition of a symmetric PSD matrix, eigenvalues descending and clipped at 0.
+
+    Parameters
+    ----------
+    c : ndarray of shape (p, p)
+
+    Returns
+    -------
+    evals : ndarray of shape (p,), descending, >= 0 (rounding can make them slightly negative)
+    evecs : ndarray of shape (p, p), column i belongs to evals[i]
+    """
+    evals, evecs = np.linalg.eigh(c)
+    return np.maximum(evals[::-1], 0.0), evecs[:, ::-1]
+
+
+def inverse_sqrt(evals: np.ndarray, rel_floor: float) -> np.ndarray:
+    """``1 / sqrt(lambda)`` for eigenvalues above ``rel_floor * max(lambda)``, else 0.
+
+    The zero replaces an infinite (or noise-amplifying) inverse for dead or collinear
+    directions, as sim_metric's ``cca_decomp`` does for eigenvalues <= 0.
+    """
+    top = evals.max(initial=0.0)
+    keep = evals > rel_floor * top
+    out = np.zeros_like(evals)
+    out[keep] = 1.0 / np.sqrt(evals[keep])
+    return out
