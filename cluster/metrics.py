@@ -169,7 +169,8 @@ class UnitCache:
     n : rows; dim : features p.
     metrics : the metric names this cache was prepared for.
     trace : tr Cxx. fro : ||Cxx||_F.
-    evals : ndarray of shape (p,), descending; evecs : ndarray of shape (p, p).
+    evals : ndarray of shape (p,), descending; evecs : ndarray of shape (p, p). Both None when
+        no metric needs them (CKA and Procrustes only: no O(p^3) work per unit).
     whitening : ndarray of shape (p, p), Cxx^(-1/2) with the floor (CCA family), else None.
     root : ndarray of shape (p, p), Cxx Cxx^(-1/2) (PWCCA weights), else None.
     svcca : ndarray of shape (p, k), whitened top-k principal directions, else None.
@@ -182,8 +183,8 @@ class UnitCache:
     metrics: tuple[str, ...]
     trace: float
     fro: float
-    evals: np.ndarray
-    evecs: np.ndarray
+    evals: np.ndarray | None
+    evecs: np.ndarray | None
     whitening: np.ndarray | None = None
     root: np.ndarray | None = None
     svcca: np.ndarray | None = None
@@ -257,7 +258,9 @@ def prepare_unit(
             FewRowsWarning,
             stacklevel=2,
         )
-    evals, evecs = sorted_eigh(m.cxx)
+    evals = evecs = None
+    if whiten:
+        evals, evecs = sorted_eigh(m.cxx)
     trace = float(np.trace(m.cxx))
     fields: dict = {}
     if any(k in _CCA_FAMILY for k in metrics):

@@ -1,0 +1,269 @@
+"""Metrics against an independent in-memory implementation, their axioms and edge cases."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from scipy.stats import ortho_group
+
+from cluster.compare import compare_arrays
+from cluster.metrics import (
+    METRICS,
+    FewRowsWarning,
+    check_metrics,
+    compare_pair,
+    prepare_unit,
+    similarity_matrices,
+)
+from cluster.moments import block_moments, merge_all, pair_moments, unit_moments
+from store.errors import InputError
+from tests.math.naive import naive_metrics
+
+ALL = tuple(METRICS)
+SYMMETRIC = [m for m in ALL if METRICS[m].symmetric]
+
+
+def related(rng, n, p, q, noise=1.0, offset=3.0):
+    """x (n, p) with correlated features, y (n, q) a noisy linear image of x."""
+    x = rng.normal(size=(n, p)) @ rng.normal(size=(p, p)) + offset * rng.normal(size=p)
+    y = x @ rng.normal(size=(p, q)) + noise * rng.normal(size=(n, q)) - offset
+    return x, y
+
+
+# --- agreement with the straightforward implementation ------------------------------------
+
+
+@pytest.mark.parametrize("n, p, q", [(60, 5, 8), (80, 9, 4), (50, 6, 6), (120, 12, 3)])
+@pytest.mark.parametrize("threshold", [0.99, 0.9])
+def test_matches_naive_implementation(n, p, q, threshold):
+    """Unseen random data, p != q both ways: every metric within 1e-6 absolute."""
+    rng = np.random.default_rng(1000 * n + 10 * p + q)
+    x, y = related(rng, n, p, q, noise=2.0)
+    want = naive_metrics(x, y, svcca_threshold=threshold)
+    got = compare_arrays(x, y, svcca_threshold=threshold)
+    for metric in ALL:
+        assert got[metric] == pytest.approx(want[metric], abs=1e-6), metric
+    assert compare_arrays(y, x, "pwcca", svcca_threshold=threshold)["pwcca"] == pytest.approx(
+        want["pwcca_yx"], abs=1e-6
+    )
+
+
+# --- axioms and invariances --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return related(np.random.default_rng(7), 90, 6, 5, noise=1.5)
+
+
+def test_symmetric_metrics_are_symmetric(pair):
+    x, y = pair
+    xy, yx = compare_arrays(x, y), compare_arrays(y, x)
+    for metric in SYMMETRIC:
+        assert xy[metric] == pytest.approx(yx[metric], abs=1e-12), metric
+    assert abs(xy["pwcca"] - yx["pwcca"]) > 1e-6  # PWCCA is not symmetric
+    assert not METRICS["pwcca"].symmetric
+
+
+def test_identical_inputs(pair):
+    x, _ = pair
+    got = compare_arrays(x, x)
+    for metric in ALL:
+        want = 0.0 if METRICS[metric].direction == "distance" else 1.0
+        assert got[metric] == pytest.approx(want, abs=1e-9), metric
+
+
+def test_cka_and_procrustes_invariant_to_orthogonal_maps_and_scaling(pair):
+    x, y = pair
+    q = ortho_group.rvs(x.shape[1], random_state=1)
+    base = compare_arrays(x, y, ["linear_cka", "linear_cka_debiased", "procrustes", "svcca"])
+    for x2, y2 in [(x @ q, y), (x, 7.5 * y), (0.01 * x @ q + 4.0, y * 3)]:
+        got = compare_arrays(x2, y2, list(base))
+        for metric, value in base.items():
+            assert got[metric] == pytest.approx(value, abs=1e-9), metric
+
+
+def test_cca_family_invariant_to_invertible_maps(pair):
+    x, y = pair
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(x.shape[1], x.shape[1])) + 3 * np.eye(x.shape[1])
+    b = rng.normal(size=(y.shape[1], y.shape[1]))
+    metrics = ["mean_cca", "mean_sq_cca"]
+    base = compare_arrays(x, y, metrics)
+    got = compare_arrays(x @ a - 2.0, y @ b, metrics)
+    for metric in metrics:
+        assert got[metric] == pytest.approx(base[metric], abs=1e-9), metric
+    # PWCCA weights are L1 norms over features: invariant to signed permutations and scale.
+    signed_perm = np.eye(x.shape[1])[rng.permutation(x.shape[1])] * [1, -1, 1, 1, -1, 1]
+    assert compare_arrays(3 * x @ signed_perm, y, "pwcca")["pwcca"] == pytest.approx(
+        compare_arrays(x, y, "pwcca")["pwcca"], abs=1e-9
+    )
+
+
+def test_values_in_range(pair):
+    x, y = pair
+    got = compare_arrays(x, y)
+    for metric in ["linear_cka", "mean_cca", "mean_sq_cca", "svcca", "pwcca"]:
+        assert 0.0 <= got[metric] <= 1.0 + 1e-12, metric
+    assert 0.0 <= got["procrustes"] <= 2.0
+
+
+# --- robustness --------------------------------------------------------------------------
+
+
+def test_float32_large_means_linear_cka_within_1e6_relative():
+    """Means ~1e4, unit variance, float32 storage and GEMM: within 1e-6 relative of float64."""
+    rng = np.random.default_rng(11)
+    x64, y64 = related(rng, 3000, 24, 16, noise=1.0, offset=0.0)
+    x64 /= x64.std(0)
+    y64 /= y64.std(0)
+    x = (1e4 + x64).astype(np.float32)
+    y = (-1e4 + y64).astype(np.float32)
+    exact = compare_arrays(x.astype(np.float64), y.astype(np.float64))
+    fast = compare_arrays(x, y, gemm_dtype=np.float32)
+    assert fast["linear_cka"] == pytest.approx(exact["linear_cka"], rel=1e-6, abs=0)
+    # streamed in blocks on the float32 path too
+    parts = [
+        block_moments(np.hstack([x, y])[i : i + 700], widths_a=(24, 16), gemm_dtype=np.float32)
+        for i in range(0, 3000, 700)
+    ]
+    tile = merge_all(parts)
+    cx = prepare_unit(unit_moments(tile, 0), ["linear_cka"])
+    cy = prepare_unit(unit_moments(tile, 1), ["linear_cka"])
+    streamed = compare_pair(cx, cy, pair_moments(tile, 0, 1), ["linear_cka"])["linear_cka"][0]
+    assert streamed == pytest.approx(exact["linear_cka"], rel=1e-6, abs=0)
+
+
+def test_dead_and_duplicate_features(pair):
+    """Constant and collinear columns are floored, not inverted: finite values, no warning.
+
+    A constant column adds nothing to any moment, so CKA, Procrustes and SVCCA are unchanged;
+    a duplicated column adds no canonical direction, so the sum of the canonical correlations
+    is unchanged (the mean runs over min(p', q) with the new p')."""
+    x, y = pair
+    p, q = x.shape[1], y.shape[1]
+    x_dead = np.hstack([x, np.full((x.shape[0], 1), 5.0)])
+    x_dup = np.hstack([x, x[:, :1] * 2.0 + 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        base, dead, dup = (compare_arrays(a, y) for a in (x, x_dead, x_dup))
+    for got in (dead, dup):
+        assert all(np.isfinite(v) for v in got.values())
+        for metric in ("mean_cca", "mean_sq_cca"):
+            assert got[metric] * min(p + 1, q) == pytest.approx(base[metric] * min(p, q),
+                                                               abs=1e-9), metric
+    for metric in ("linear_cka", "linear_cka_debiased", "procrustes", "svcca"):
+        assert dead[metric] == pytest.approx(base[metric], abs=1e-12), metric
+
+
+def test_more_features_than_rows_warns_and_is_defined():
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(12, 20)), rng.normal(size=(12, 6))
+    with pytest.warns(FewRowsWarning, match="'x' has 20 features but only 12 rows"):
+        got = compare_arrays(x, y)
+    assert all(np.isfinite(v) for v in got.values())
+    # x spans the whole centered row space: every direction of y is perfectly explained
+    assert got["mean_cca"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 < got["linear_cka"] < 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare_arrays(x, y, ["linear_cka", "procrustes"])  # no whitening, no warning
+
+
+def test_zero_variance_unit_is_refused_by_name():
+    m = unit_moments(block_moments(np.full((10, 3), 2.5), widths_a=(3,)), 0)
+    with pytest.raises(InputError, match="'model_a/layer3' has zero variance"):
+        prepare_unit(m, ["mean_cca"], name="model_a/layer3")
+    with pytest.raises(InputError, match="'y' has zero variance"):
+        compare_arrays(np.eye(10)[:, :4], np.ones((10, 2)) * 1e4)
+
+
+def test_unknown_metric_suggests_closest():
+    with pytest.raises(InputError, match="unknown metric 'linear_ckaa'; did you mean 'linear_cka'"):
+        check_metrics(["linear_ckaa"])
+    with pytest.raises(InputError, match="did you mean 'pwcca'"):
+        compare_arrays(np.eye(5), np.eye(5), "pwca")
+    assert check_metrics("svcca") == ("svcca",)
+    assert check_metrics(["pwcca", "svcca", "pwcca"]) == ("pwcca", "svcca")
+    assert check_metrics(None) == ALL
+
+
+@pytest.mark.parametrize(
+    "x, y, match",
+    [
+        (np.zeros(5), np.zeros((5, 2)), "x must be 2-D"),
+        (np.eye(5), np.eye(4), "same rows"),
+        (np.eye(5), np.where(np.eye(5) > 0, np.nan, 1.0), "y has NaN or Inf"),
+        (np.eye(5), np.eye(5).astype(complex), "real numeric"),
+    ],
+)
+def test_compare_arrays_validates_input(x, y, match):
+    with pytest.raises(InputError, match=match):
+        compare_arrays(x, y)
+
+
+def test_debiased_cka_needs_fourth_order_moments():
+    z = np.random.default_rng(0).normal(size=(20, 4))
+    tile = block_moments(z, widths_a=(2, 2))
+    with pytest.raises(InputError, match="fourth=True"):
+        prepare_unit(unit_moments(tile, 0), ["linear_cka_debiased"], name="u")
+
+
+# --- the pairwise driver over multi-unit groups --------------------------------------------
+
+
+def test_similarity_matrices_over_groups_equal_pairwise_compare_arrays():
+    """Two groups (3 + 2 units), streamed in blocks, three tiles: every entry equals the
+    in-memory comparison of that pair, PWCCA in both directions."""
+    rng = np.random.default_rng(21)
+    n = 150
+    base = rng.normal(size=(n, 6))
+    widths = [(4, 6, 3), (5, 2)]
+    arrays = [
+        base @ rng.normal(size=(6, w)) + rng.normal(size=(n, w)) + rng.normal(size=w) * 10
+        for w in widths[0] + widths[1]
+    ]
+    groups = [np.hstack(arrays[:3]), np.hstack(arrays[3:])]
+    where = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    cuts = [0, 40, 41, 100, n]
+    blocks = list(zip(cuts[:-1], cuts[1:], strict=True))
+
+    def tile(a, b):
+        if a == b:
+            return merge_all([block_moments(groups[a][i:j], widths_a=widths[a], fourth=True)
+                              for i, j in blocks])
+        return merge_all([block_moments(groups[a][i:j], groups[b][i:j], widths_a=widths[a],
+                                        widths_b=widths[b], fourth=True) for i, j in blocks])
+
+    tiles = {(0, 0): tile(0, 0), (1, 1): tile(1, 1), (0, 1): tile(0, 1)}
+    units = [unit_moments(tiles[(g, g)], u) for g, u in where]
+
+    def cross(i, j):
+        (gi, ui), (gj, uj) = where[i], where[j]
+        return pair_moments(tiles[(gi, gj)], ui, uj)
+
+    names = [f"m{g}/l{u}" for g, u in where]
+    got = similarity_matrices(units, cross, None, names=names)
+    for i in range(5):
+        for j in range(5):
+            want = compare_arrays(arrays[i], arrays[j])
+            for metric in ALL:
+                assert got[metric][i, j] == pytest.approx(want[metric], abs=1e-9), (metric, i, j)
+
+    partial = similarity_matrices(units, cross, ["linear_cka", "pwcca"], pairs=[(3, 1), (2, 2)])
+    assert set(partial) == {"linear_cka", "pwcca"}
+    done = ~np.isnan(partial["pwcca"])
+    assert done.sum() == 3 and done[1, 3] and done[3, 1] and done[2, 2]
+    assert partial["pwcca"][3, 1] == pytest.approx(got["pwcca"][3, 1], abs=1e-12)
+
+
+def test_similarity_matrices_names_the_bad_unit():
+    z = np.random.default_rng(0).normal(size=(30, 5))
+    z[:, 3:] = 1.0
+    tile = block_moments(z, widths_a=(3, 2))
+    units = [unit_moments(tile, 0), unit_moments(tile, 1)]
+    with pytest.raises(InputError, match="'vit/block7' has zero variance"):
+        similarity_matrices(units, lambda i, j: pair_moments(tile, i, j), ["svcca"],
+                            names=["vit/block6", "vit/block7"])
