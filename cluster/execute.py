@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.moments import CrossMoments, block_moments, merge, merge_all
+from store.errors import RepscopeError
 
 # Transient storage errors are retried by Ray; user errors are not (they would fail again).
 TASK_RETRIES = 3
@@ -108,16 +109,33 @@ def connect(address: str | None = None, workers: int | None = None) -> int:
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         common = dict(logging_level="ERROR", log_to_driver=False, configure_logging=True)
-        if address:
-            ray.init(address=address, **common)
-        else:
-            ray.init(
-                num_cpus=workers or os.cpu_count(),
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                **common,
-            )
+        try:
+            if address:
+                ray.init(address=address, **common)
+            else:
+                # address="local" always starts a new instance: never join a cluster that
+                # happens to run on this machine.
+                ray.init(
+                    address="local",
+                    num_cpus=workers or os.cpu_count(),
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    **common,
+                )
+        except Exception as exc:  # ray raises ConnectionError, RuntimeError, its own types
+            raise RepscopeError(_connect_message(address, exc)) from None
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _connect_message(address: str | None, exc: Exception) -> str:
+    where = f"the Ray cluster at {address}" if address else "an embedded local Ray instance"
+    if "uthentication" in str(exc):
+        return (
+            f"{where} requires token authentication: set RAY_AUTH_MODE=token and make the "
+            "cluster's token available (~/.ray/auth_token or RAY_AUTH_TOKEN)"
+        )
+    first_line = (str(exc).splitlines() or [""])[0]
+    return f"cannot start or reach {where}: {type(exc).__name__}: {first_line}"
 
 
 def _remote_functions():

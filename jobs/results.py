@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,8 +56,9 @@ def build_dataset(
     """An xarray Dataset of (U, U) matrices with labelled unit axes."""
     import xarray as xr
 
-    models = np.array([m for m, _ in units], dtype=str)
-    layers = np.array([layer for _, layer in units], dtype=str)
+    # Object arrays of str become Zarr v3's variable-length UTF-8 strings.
+    models = np.array([m for m, _ in units], dtype=object)
+    layers = np.array([layer for _, layer in units], dtype=object)
     data_vars = {
         name: (("x", "y"), np.asarray(matrix, dtype=np.float64), {"direction": directions[name]})
         for name, matrix in matrices.items()
@@ -108,18 +110,26 @@ def check_output(url: str, identity: str, storage_options: dict | None, overwrit
         )
 
 
+def _to_zarr(ds, url: str, storage_options: dict | None) -> None:
+    with warnings.catch_warnings():
+        # Consolidated metadata lets xarray.open_zarr(output) open with one read; zarr warns
+        # that it is not yet part of the v3 spec.
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        ds.to_zarr(url, mode="w", zarr_format=3, consolidated=True,
+                   storage_options=storage_options or None)
+
+
 def write_results(ds, url: str, storage_options: dict | None = None) -> None:
     """Write a results Dataset so that readers never see a partial result."""
     path = local_path(url)
     if path is None:
-        ds.to_zarr(url, mode="w", zarr_format=3, consolidated=True,
-                   storage_options=storage_options or None)
+        _to_zarr(ds, url, storage_options)
         return
     path = path.absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
-        ds.to_zarr(str(staging), mode="w", zarr_format=3, consolidated=True)
+        _to_zarr(ds, str(staging), None)
         _swap_into_place(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""Job spec parsing: every refusal names the field; YAML is data, never code."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jobs.spec import load_spec, parse_bytes, parse_spec, spec_from_dict
+from store.errors import InputError, NotFoundError, SpecError
+
+GOOD = """
+store: s3://bucket/acts.zarr
+models: [bert-seed1, bert-seed2]
+layers: [layer3, layer7]
+metrics: [linear_cka, pwcca, procrustes]
+output: s3://bucket/results/run.zarr
+rows: {start: 0, stop: 100000}
+storage_options: {anon: false}
+compute: {workers: auto, precision: float32}
+"""
+
+
+def test_full_spec_parses():
+    spec = parse_spec(GOOD)
+    assert spec.store == "s3://bucket/acts.zarr"
+    assert spec.models == ("bert-seed1", "bert-seed2")
+    assert spec.layers == ("layer3", "layer7")
+    assert spec.metrics == ("linear_cka", "pwcca", "procrustes")
+    assert spec.rows == (0, 100000)
+    assert spec.compute.workers is None and spec.compute.precision == "float32"
+    assert "storage_options" not in spec.to_dict()
+
+
+def test_minimal_spec_defaults():
+    spec = parse_spec("store: a.zarr\nmetrics: linear_cka\noutput: r.zarr\n")
+    assert spec.models is None and spec.layers is None and spec.rows == (0, None)
+    assert spec.metrics == ("linear_cka",)
+
+
+def test_per_model_layers():
+    spec = parse_spec(
+        "store: a\nmetrics: [linear_cka]\noutput: o\nlayers: {m1: [l1, l2], m2: [l3]}\n"
+    )
+    assert spec.layers == {"m1": ("l1", "l2"), "m2": ("l3",)}
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("store: a\nmetrics: [linear_cka]\noutput: o\nmodles: [x]\n",
+         r"unknown key 'modles'.*'models'"),
+        ("metrics: [linear_cka]\noutput: o\n", r"missing required key 'store'"),
+        ("store: a\noutput: o\n", r"missing required key 'metrics'"),
+        ("store: a\nmetrics: [linear_cka]\n", r"missing required key 'output'"),
+        ("store: a\nmetrics: [linear_ckaa]\noutput: o\n", r"linear_ckaa.*linear_cka"),
+        ("store: a\nmetrics: [cka]\noutput: o\n", r"cka"),
+        ("store: a\nmetrics: [linear_cka]\noutput: o\nrows: {start: 5, stop: 5}\n",
+         r"rows.stop \(5\) must be greater than rows.start \(5\)"),
+        ("store: a\nmetrics: [linear_cka]\noutput: o\nrows: {begin: 1}\n", r"rows.begin"),
+        ("store: a\nmetrics: [linear_cka]\noutput: o\nrows: {start: -1}\n", r"rows.start"),
+        ("store: a\nmetrics: [linear_cka]\noutput: o\ncompute: {precision: float16}\n",
+         r"compute.precision must be one of float32, float64"),
+        ("store: a\nmetrics: [linear_cka]\noutput: o\ncompute: {wrokers: 2}\n",
+         r"compute.wrokers.*compute.workers|'compute.wrokers' \(did you mean 'workers'"),
+        ("store: a\nmetrics: [linear_cka]\noutput: o\ncompute: {workers: 0}\n", r"compute.workers"),
+        ("store: a\nmetrics: [linear_cka]\noutput: o\ncompute: {memory_per_worker: lots}\n",
+         r"compute.memory_per_worker"),
+        ("store: a\nmetrics: [linear_cka, linear_cka]\noutput: o\n", r"more than once"),
+        ("store: 3\nmetrics: [linear_cka]\noutput: o\n", r"'store' must be a URL"),
+        ("- just\n- a list\n", r"a job spec is a mapping"),
+        ("store: a\nmetrics: [linear_cka]\noutput: o\nstorage_options: [1]\n",
+         r"'storage_options' must be a mapping"),
+    ],
+)
+def test_bad_specs_name_the_field(text, match):
+    with pytest.raises(SpecError, match=match):
+        parse_spec(text, source="job.yaml")
+
+
+def test_spec_errors_are_input_errors_with_exit_code_2():
+    with pytest.raises(InputError) as info:
+        parse_spec("store: a\n")
+    assert info.value.exit_code == 2
+
+
+def test_malformed_yaml_gives_line_number():
+    text = "store: a\nmetrics: [linear_cka\noutput: o\n"
+    with pytest.raises(SpecError, match=r"job.yaml: malformed YAML at line \d+, column \d+"):
+        parse_spec(text, source="job.yaml")
+
+
+def test_yaml_is_data_not_code():
+    text = (
+        "store: !!python/object/apply:os.system ['echo pwned']\n"
+        "metrics: [linear_cka]\noutput: o\n"
+    )
+    with pytest.raises(SpecError, match="malformed YAML"):
+        parse_spec(text)
+
+
+def test_environment_is_not_expanded(monkeypatch):
+    monkeypatch.setenv("SECRET_BUCKET", "leaked")
+    spec = parse_spec("store: s3://$SECRET_BUCKET/a\nmetrics: [linear_cka]\noutput: o\n")
+    assert spec.store == "s3://$SECRET_BUCKET/a"
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(NotFoundError, match="nope.yaml"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("2GiB", 2 << 30), ("512 MB", 512 << 20), ("1.5g", int(1.5 * (1 << 30))), (4096, 4096)],
+)
+def test_parse_bytes(value, expected):
+    assert parse_bytes(value) == expected
+
+
+names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1, max_size=12)
+valid_metrics = st.lists(
+    st.sampled_from(["linear_cka", "linear_cka_debiased", "mean_cca", "mean_sq_cca", "svcca",
+                     "pwcca", "procrustes"]),
+    min_size=1, max_size=7, unique=True,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    models=st.none() | st.lists(names, min_size=1, max_size=4, unique=True),
+    metrics=valid_metrics,
+    start=st.integers(0, 1000),
+    length=st.integers(1, 1000),
+    extra=st.none() | names,
+)
+def test_spec_roundtrip_or_named_refusal(models, metrics, start, length, extra):
+    """Any mapping either parses to what it says, or is refused naming the bad key."""
+    raw = {"store": "s.zarr", "metrics": metrics, "output": "o.zarr",
+           "rows": {"start": start, "stop": start + length}}
+    if models is not None:
+        raw["models"] = models
+    if extra is not None:
+        raw[extra] = 1
+    text = yaml.safe_dump(raw)
+    known = {"store", "models", "layers", "metrics", "output", "rows", "storage_options", "compute"}
+    if extra is not None and extra not in known:
+        with pytest.raises(SpecError, match=f"unknown key '{extra}'"):
+            parse_spec(text)
+        return
+    try:
+        spec = parse_spec(text)
+    except SpecError:
+        assert extra in known  # a known key with a wrong value (e.g. layers: 1) is refused
+        return
+    assert spec.metrics == tuple(metrics)
+    assert spec.rows == (start, start + length)
+    assert spec.models == (tuple(models) if models is not None else None)
+    assert spec_from_dict(yaml.safe_load(text)) == spec

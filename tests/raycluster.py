@@ -1,0 +1,106 @@
+"""A real Ray cluster on loopback for tests: `ray start --head --block`, stopped by pid.
+
+Token authentication is on (Ray 2.59+ default for `ray start`), so the fixture sets
+RAY_AUTH_MODE=token for its clients. Nothing here uses `ray stop` or kills by name: other
+work may share the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    address: str  # GCS address for drivers (HOST:PORT)
+    dashboard: str  # http URL of the Jobs API
+    head: subprocess.Popen
+    workers: list[subprocess.Popen] = field(default_factory=list)
+    log_dir: Path | None = None
+
+    def add_worker(self, num_cpus: int = 1) -> subprocess.Popen:
+        """Start one more node (`ray start --address ... --block`); returns its process."""
+        log = open(self.log_dir / f"worker-{len(self.workers)}.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [RAY, "start", f"--address={self.address}", "--block",
+             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, env=ray_env(), start_new_session=True,
+        )
+        self.workers.append(proc)
+        return proc
+
+
+def ray_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "token"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the `ray start --block` process (it stops its node), SIGKILL if it hangs."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _wait_for_jobs_api(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + timeout
+    last: Exception | None = None
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            JobSubmissionClient(url).list_jobs()
+            return
+        except Exception as exc:  # not up yet
+            last = exc
+            time.sleep(1)
+    raise RuntimeError(f"Ray Jobs API at {url} did not come up: {last}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A head node on loopback with 2 CPUs; yields RayCluster; stops everything after."""
+    log_dir = tmp_path_factory.mktemp("ray-logs")
+    port, dash = free_port(), free_port()
+    os.environ["RAY_AUTH_MODE"] = "token"  # this process is a client too
+    log = open(log_dir / "head.log", "w")  # noqa: SIM115
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=ray_env(), start_new_session=True,
+    )
+    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", head, log_dir=log_dir)
+    try:
+        _wait_for_jobs_api(cluster.dashboard, head)
+        yield cluster
+    finally:
+        for w in cluster.workers:
+            stop_process(w)
+        stop_process(head)
