@@ -1,0 +1,142 @@
+"""The on-disk layout of a store: paths, attribute names, chunk and shard sizing, fingerprints.
+
+Everything another program needs to write a store without our code is here and in
+docs/store.md:
+
+- the root is a Zarr v3 group with attribute ``repscope`` = ``{"format": 1, "n_rows": ...,
+  "row_fingerprint": ..., "row_ids": ..., "example_map": ...}``;
+- unit ``(model, layer)`` is the array ``units/<model>/<layer>`` of shape (rows, features),
+  chunked along rows only, sharded, with attributes ``complete``, ``source_dtype`` and
+  ``fingerprint``; readers ignore arrays whose ``complete`` is not ``true``;
+- ``rows/ids``, ``rows/example`` and ``rows/mask`` describe the rows, stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import numpy as np
+
+FORMAT = 1
+ROOT_ATTR = "repscope"
+UNITS = "units"
+ROW_IDS = "rows/ids"
+ROW_EXAMPLE = "rows/example"
+ROW_MASK = "rows/mask"
+
+STORAGE_DTYPES = ("float32", "float16")
+DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_SHARD_BYTES = 256 << 20
+
+
+def unit_path(model: str, layer: str) -> str:
+    """Path of a unit's array inside the store group."""
+    return f"{UNITS}/{model}/{layer}"
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders digit runs by value: ``layer2 < layer10``, ``m2 < m10``."""
+    parts = re.split(r"(\d+)", name)
+    return tuple((0, int(p), p) if p.isdigit() else (1, p.lower(), p) for p in parts)
+
+
+def natural_sorted(names) -> list[str]:
+    return sorted(names, key=natural_key)
+
+
+def chunk_rows_for(features: int, itemsize: int, chunk_bytes: int, rows: int | None) -> int:
+    """Rows per chunk: as many full-width rows as fit in ``chunk_bytes`` (at least one).
+
+    When the row count is known and smaller, the chunk is the whole array: a chunk larger
+    than the array would be padded with fill values in memory when a shard is encoded.
+    """
+    chunk_rows = max(1, chunk_bytes // max(1, features * itemsize))
+    if rows is not None:
+        chunk_rows = min(chunk_rows, max(1, rows))
+    return chunk_rows
+
+
+def shard_rows_for(
+    features: int, itemsize: int, chunk_rows: int, shard_bytes: int, rows: int | None
+) -> int:
+    """Rows per shard: a multiple of ``chunk_rows`` near ``shard_bytes``, at least one chunk.
+
+    For an array smaller than one shard the shard is the array rounded up to whole chunks.
+    """
+    chunk_nbytes = chunk_rows * max(1, features * itemsize)
+    shard_rows = max(1, shard_bytes // chunk_nbytes) * chunk_rows
+    if rows is not None:
+        whole_chunks = -(-max(1, rows) // chunk_rows) * chunk_rows
+        shard_rows = min(shard_rows, whole_chunks)
+    return shard_rows
+
+
+def check_sizes(chunk_bytes: Any, shard_bytes: Any) -> None:
+    """Refuse non-positive or non-integer chunk/shard byte budgets."""
+    from store.errors import InputError
+
+    for name, value in (("chunk_bytes", chunk_bytes), ("shard_bytes", shard_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+            raise InputError(f"{name} must be a positive integer number of bytes, got {value!r}")
+
+
+def _digest() -> Any:
+    return hashlib.blake2b(digest_size=16)
+
+
+def canonical_ids(ids: np.ndarray) -> bytes:
+    """Bytes that identify an id array independently of its integer width or string dtype."""
+    if ids.dtype.kind in "iu":
+        return b"int\0" + np.ascontiguousarray(ids, dtype="<i8").tobytes()
+    return b"str\0" + "\0".join(str(v) for v in ids.tolist()).encode("utf-8")
+
+
+def row_fingerprint(
+    n_rows: int,
+    ids: np.ndarray | None = None,
+    example: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+) -> str:
+    """Hex digest of the row set: row count, ids, row -> example map and padding mask.
+
+    Two stores (or two ingests) with the same rows get the same fingerprint; without ids the
+    fingerprint can only say "same number of rows (and same token layout)".
+    """
+    h = _digest()
+    h.update(f"repscope-rows-v{FORMAT}\nn={int(n_rows)}\n".encode())
+    for tag, arr in (("ids", ids), ("example", example), ("mask", mask)):
+        if arr is None:
+            continue
+        h.update(f"{tag}:{arr.shape}\n".encode())
+        if tag == "ids":
+            h.update(canonical_ids(np.asarray(arr)))
+        elif tag == "example":
+            h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
+        else:
+            h.update(np.packbits(np.asarray(arr, dtype=bool)).tobytes())
+    return h.hexdigest()
+
+
+class ContentHash:
+    """Streaming hash of a unit's stored data, fed shard by shard in row order.
+
+    The digest covers dtype, feature count and every stored byte, so two units with the same
+    fingerprint hold bit-identical arrays.
+    """
+
+    def __init__(self, dtype: str, features: int) -> None:
+        self._h = _digest()
+        self._h.update(f"repscope-unit-v{FORMAT}\n{dtype}\n{features}\n".encode())
+        self.rows = 0
+
+    def update(self, block: np.ndarray) -> None:
+        """Add a (rows, features) block in storage dtype."""
+        self._h.update(np.ascontiguousarray(block).data)
+        self.rows += block.shape[0]
+
+    def hexdigest(self) -> str:
+        h = self._h.copy()
+        h.update(f"\nrows={self.rows}".encode())
+        return h.hexdigest()

@@ -1,0 +1,291 @@
+"""UnitWriter: write one unit shard by shard, and publish it only when it is complete.
+
+How a unit becomes visible (the same on local disk, memory:// and s3://, which has no
+rename): the array is created at ``units/<model>/<layer>`` with attribute
+``complete: false``, shards are written, the row metadata is committed, and the attribute is
+set to ``true`` last. Readers list and read only complete units. An interrupted writer leaves
+an incomplete array that nobody reads and that the next ingest of that unit replaces.
+
+Memory: one shard buffer (``shard_bytes``) in storage dtype, plus the batch being appended
+and the encoded shard while it is written; never the whole unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import zarr
+
+from store import layout
+from store.activation_store import ActivationStore, RowSet, UnitInfo
+from store.errors import InputError
+from store.validate import (
+    check_name,
+    check_row_ids,
+    check_source_dtype,
+    check_storage_dtype,
+    convert_block,
+    where,
+)
+
+
+class UnitWriter:
+    """Streaming writer of one unit (model, layer) of shape (rows, features).
+
+    Append (batch_rows, features) batches from a training or evaluation loop, then
+    :meth:`close` to publish. Used as a context manager, an exception inside the block
+    discards everything written and the unit stays invisible (or absent).
+
+    ``rows`` (optional) is the expected row count: it lets small units get one right-sized
+    shard and is checked at close. ``row_ids`` (optional, one per row) identify the rows.
+    """
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        model: str,
+        layer: str,
+        *,
+        features: int | None = None,
+        dtype: str = "float32",
+        chunk_bytes: int = layout.DEFAULT_CHUNK_BYTES,
+        shard_bytes: int = layout.DEFAULT_SHARD_BYTES,
+        overwrite: bool = False,
+        rows: int | None = None,
+        row_ids: Any = None,
+        _row_set: RowSet | None = None,
+        _source: object | None = None,
+    ) -> None:
+        self.model = check_name("model", model)
+        self.layer = check_name("layer", layer)
+        self._ctx = where(model, layer, _source)
+        self.dtype = check_storage_dtype(dtype)
+        layout.check_sizes(chunk_bytes, shard_bytes)
+        if features is not None and (isinstance(features, bool) or int(features) <= 0):
+            raise InputError(f"{self._ctx}: features must be a positive integer, got {features!r}")
+        if rows is not None and (isinstance(rows, bool) or int(rows) <= 0):
+            raise InputError(f"{self._ctx}: rows must be a positive integer, got {rows!r}")
+        self._store = store
+        self.features = None if features is None else int(features)
+        self._chunk_bytes = int(chunk_bytes)
+        self._shard_bytes = int(shard_bytes)
+        self._expected_rows = None if rows is None else int(rows)
+        self._row_set = _row_set
+        if row_ids is not None and _row_set is None:
+            n = self._expected_rows if self._expected_rows is not None else np.shape(row_ids)[0]
+            self._row_set = RowSet(n_rows=n, ids=check_row_ids(row_ids, n, "rows", self._ctx))
+            self._expected_rows = n
+        if self._row_set is not None:
+            self._expected_rows = self._row_set.n_rows
+
+        existing = store._unit_arrays().get((model, layer))
+        if existing is not None and existing.attrs.get("complete") and not overwrite:
+            raise InputError(
+                f"{self._ctx}: unit already exists in store {store.url}; pass overwrite=True "
+                "(--overwrite) to replace it"
+            )
+        # The store's row count, if other units fix it: appends beyond it fail early.
+        others = store._other_units(model, layer)
+        self._row_limit = store.n_rows if others else None
+        if self._row_set is not None:
+            store._check_rows(self._row_set, model, layer, self._ctx)
+
+        self.source_dtype: str | None = None
+        self._array: Any = None
+        self._buffer: np.ndarray | None = None
+        self._filled = 0  # rows in the buffer
+        self._written = 0  # rows flushed to the array
+        self._hash: layout.ContentHash | None = None
+        self._chunk_rows = 0
+        self._shard_rows = 0
+        self._done = False
+
+    # -- appending ----------------------------------------------------------------------
+
+    def append(self, batch: Any, *, _describe: Callable[[int], str] | None = None) -> None:
+        """Append a (batch_rows, features) batch: checked for NaN/Inf, converted, buffered."""
+        if self._done:
+            raise InputError(f"{self._ctx}: writer is closed")
+        arr = batch if isinstance(batch, np.ndarray) else _to_numpy(batch)
+        source_dtype = check_source_dtype(arr.dtype, self._ctx)
+        if arr.ndim != 2:
+            raise InputError(
+                f"{self._ctx}: batch of shape {arr.shape} is not 2-D (batch_rows, features)"
+            )
+        if self.features is None:
+            if arr.shape[1] == 0:
+                raise InputError(f"{self._ctx}: batch of shape {arr.shape} has no features")
+            self.features = int(arr.shape[1])
+        if arr.shape[1] != self.features:
+            raise InputError(
+                f"{self._ctx}: batch has {arr.shape[1]} features, expected {self.features}"
+            )
+        if self.source_dtype is None:
+            self.source_dtype = source_dtype
+        elif self.source_dtype != source_dtype:
+            raise InputError(
+                f"{self._ctx}: batch dtype {source_dtype} differs from earlier batches "
+                f"({self.source_dtype})"
+            )
+        total = self._written + self._filled + arr.shape[0]
+        for limit, what in (
+            (self._row_limit, "the store's units have"),
+            (self._expected_rows, "expected"),
+        ):
+            if limit is not None and total > limit:
+                self.abort()
+                raise InputError(
+                    f"{self._ctx}: {total} rows appended, but {what} {limit} rows; every unit "
+                    "of a store must have the same rows"
+                )
+        offset = self._written + self._filled
+        describe = _describe or (lambda i: f"row {offset + i}")
+        try:
+            block = convert_block(arr, self.dtype, self._ctx, describe)
+        except InputError:
+            self.abort()
+            raise
+        self._add(block)
+
+    def _add(self, block: np.ndarray) -> None:
+        if self._buffer is None:
+            self._plan(self._expected_rows)
+        pos = 0
+        while pos < block.shape[0]:
+            space = self._shard_rows - self._filled
+            piece = block[pos : pos + space]
+            if self._filled == 0 and piece.shape[0] == self._shard_rows:
+                self._flush(piece)  # a whole shard: write it without copying
+            else:
+                self._buffer[self._filled : self._filled + piece.shape[0]] = piece
+                self._filled += piece.shape[0]
+                if self._filled == self._shard_rows:
+                    self._flush(self._buffer[: self._filled])
+            pos += piece.shape[0]
+
+    def _plan(self, rows: int | None) -> None:
+        """Choose chunk and shard rows (for ``rows`` if known) and allocate the shard buffer."""
+        itemsize = np.dtype(self.dtype).itemsize
+        self._chunk_rows = layout.chunk_rows_for(self.features, itemsize, self._chunk_bytes, rows)
+        self._shard_rows = layout.shard_rows_for(
+            self.features, itemsize, self._chunk_rows, self._shard_bytes, rows
+        )
+        buffer_rows = self._shard_rows if rows is None else min(self._shard_rows, rows)
+        self._buffer = np.empty((buffer_rows, self.features), dtype=self.dtype)
+        self._hash = layout.ContentHash(self.dtype, self.features)
+
+    def _flush(self, block: np.ndarray) -> None:
+        """Write ``block`` (at most one shard, starting on a shard boundary) to the array."""
+        with self._store._errors():
+            if self._array is None:
+                self._create(max(block.shape[0], self._expected_rows or 0))
+            end = self._written + block.shape[0]
+            if self._array.shape[0] < end:
+                self._array.resize((end, self.features))
+            self._array[self._written : end] = block
+        self._hash.update(block)
+        self._written = end
+        self._filled = 0
+
+    def _create(self, rows: int) -> None:
+        """Create the (incomplete) array, replacing an old or interrupted one of this unit."""
+        store = self._store
+        store._forget(self.model, self.layer)
+        self._array = zarr.create_array(
+            store._store(),
+            name=layout.unit_path(self.model, self.layer),
+            shape=(rows, self.features),
+            dtype=self.dtype,
+            chunks=(self._chunk_rows, self.features),
+            shards=(self._shard_rows, self.features),
+            # Dense float activations barely compress (a few percent); codecs only cost
+            # throughput. See docs/store.md.
+            compressors=None,
+            fill_value=0.0,
+            overwrite=True,
+            dimension_names=("row", "feature"),
+            attributes={"complete": False, "source_dtype": self.source_dtype},
+        )
+
+    # -- finishing ----------------------------------------------------------------------
+
+    def close(self) -> UnitInfo:
+        """Flush the last shard, check the row count, publish the unit and return its info."""
+        if self._done:
+            raise InputError(f"{self._ctx}: writer is already closed")
+        total = self._written + self._filled
+        if total == 0:
+            self.abort()
+            raise InputError(f"{self._ctx}: no rows were appended")
+        try:
+            if self._array is None and self._expected_rows is None:
+                # Everything fits one shard: size chunks and the shard to the real row count.
+                buffered = self._buffer[: self._filled].copy()
+                self._buffer = None
+                self._plan(total)
+                self._buffer = buffered
+            if self._filled:
+                self._flush(self._buffer[: self._filled])
+            self._buffer = None
+            rows = self._row_set or RowSet(n_rows=total)
+            if rows.n_rows != total:
+                raise InputError(f"{self._ctx}: {total} rows written, but {rows.n_rows} expected")
+            store = self._store
+            committed = store._check_rows(rows, self.model, self.layer, self._ctx)
+            with store._errors():
+                if self._array.shape[0] != total:
+                    self._array.resize((total, self.features))
+                if not committed:
+                    store._commit_rows(rows)
+                # Last write: from here on the unit is visible.
+                self._array.update_attributes(
+                    {
+                        "complete": True,
+                        "source_dtype": self.source_dtype,
+                        "fingerprint": self._hash.hexdigest(),
+                    }
+                )
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        store._forget(self.model, self.layer)
+        return store.unit_info(self.model, self.layer)
+
+    def abort(self) -> None:
+        """Discard everything written; the unit stays invisible (its staging array is removed)."""
+        self._done = True
+        self._buffer = None
+        if self._array is None:
+            return
+        self._array = None
+        store = self._store
+        store._forget(self.model, self.layer)
+        try:
+            with store._errors():
+                root = store._root()
+                path = layout.unit_path(self.model, self.layer)
+                if path in root:
+                    del root[path]
+        except Exception:
+            # Best effort: an incomplete array left behind is invisible and replaced by the
+            # next ingest of this unit, so a failed cleanup must not hide the real error.
+            pass
+
+    def __enter__(self) -> UnitWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            self.close()
+
+
+def _to_numpy(obj: Any) -> np.ndarray:
+    """A numpy view of a batch: torch tensors (bfloat16 included), dask arrays, array-likes."""
+    from store.sources import to_numpy
+
+    return to_numpy(obj)
