@@ -35,8 +35,10 @@ COMPUTE_KEYS = (
     "memory_per_worker",
     "block_rows",
     "svcca_threshold",
+    "space",
 )
 PRECISIONS = ("float32", "float64")
+SPACES = ("auto", "feature", "sample")
 
 
 def closest(name: str, choices) -> str:
@@ -55,6 +57,8 @@ class Compute:
     the machine); wider jobs are split into column-group tiles to respect it.
     block_rows: rows multiplied per GEMM inside a task (None = derive from widths).
     svcca_threshold: fraction of variance SVCCA keeps per side.
+    space: "feature" (d x d moments per unit pair, cost n d^2), "sample" (n x n Gram per
+    unit, cost n^2 d) or "auto" (the planner picks the cheaper one that fits memory).
     """
 
     workers: int | None = None
@@ -62,6 +66,7 @@ class Compute:
     memory_per_worker: int | None = None
     block_rows: int | None = None
     svcca_threshold: float = 0.99
+    space: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class JobSpec:
                 "memory_per_worker": c.memory_per_worker,
                 "block_rows": c.block_rows,
                 "svcca_threshold": c.svcca_threshold,
+                "space": c.space,
             },
         }
 
@@ -273,10 +279,16 @@ def _compute(value: Any, source: str) -> Compute:
     number = isinstance(threshold, int | float) and not isinstance(threshold, bool)
     if not number or not 0 < threshold <= 1:
         raise SpecError(f"{source}: compute.svcca_threshold must be in (0, 1], got {threshold!r}")
+    space = value.get("space", "auto")
+    if space not in SPACES:
+        raise SpecError(
+            f"{source}: compute.space must be one of {', '.join(SPACES)}, got {space!r}"
+        )
     return Compute(
         workers=workers,
         precision=precision,
         memory_per_worker=memory,
         block_rows=block_rows,
         svcca_threshold=float(threshold),
+        space=space,
     )
