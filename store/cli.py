@@ -64,11 +64,11 @@ def _storage_option_arg(parser: argparse.ArgumentParser) -> None:
 def parse_storage_options(items: list[str]) -> dict:
     """``["a.b=1", "anon=true"]`` -> ``{"a": {"b": 1}, "anon": True}``."""
     options: dict = {}
-    for item in items:
+    for number, item in enumerate(items, 1):
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            # Only the key is shown: the value may be a secret.
-            raise InputError(f"--storage-option {key.strip()!r}: expected KEY=VALUE")
+            # The text is not shown: without '=' it may be a bare secret.
+            raise InputError(f"--storage-option number {number}: expected KEY=VALUE")
         try:
             value = json.loads(raw) if raw in ("true", "false", "null") or _is_number(raw) else raw
         except ValueError:

@@ -128,7 +128,8 @@ def convert_block(
             raise InputError(
                 f"{ctx}: {kind} at {describe_row(row)}, column {col}; activations must be finite"
             )
-    out = np.asarray(block, dtype=np.dtype(storage).newbyteorder("<"))
+    with np.errstate(over="ignore"):  # overflow is reported below, with row and column
+        out = np.asarray(block, dtype=np.dtype(storage).newbyteorder("<"))
     # Only a narrowing conversion (float64 -> float32, anything -> float16, large ints) can
     # turn finite values into inf; an identity conversion needs no second pass.
     if out is not block:
@@ -136,8 +137,8 @@ def convert_block(
         if bad.any():
             row, col = first_bad(bad)
             raise InputError(
-                f"{ctx}: value {block[row, col]!r} at {describe_row(row)}, column {col} overflows "
-                f"{storage} (largest {_STORAGE_MAX[storage]:g}); store as float32 instead"
+                f"{ctx}: value {block[row, col].item()!r} at {describe_row(row)}, column {col} "
+                f"overflows {storage} (largest {_STORAGE_MAX[storage]:g}); store as float32 instead"
             )
     return out
 

@@ -105,9 +105,21 @@ class UnitWriter:
     # -- appending ----------------------------------------------------------------------
 
     def append(self, batch: Any, *, _describe: Callable[[int], str] | None = None) -> None:
-        """Append a (batch_rows, features) batch: checked for NaN/Inf, converted, buffered."""
+        """Append a (batch_rows, features) batch: checked for NaN/Inf, converted, buffered.
+
+        A refused batch aborts the writer (a unit with a missing batch would be misaligned),
+        so the unit stays invisible.
+        """
         if self._done:
             raise InputError(f"{self._ctx}: writer is closed")
+        try:
+            self._add(self._checked(batch, _describe))
+        except BaseException:
+            self.abort()
+            raise
+
+    def _checked(self, batch: Any, describe: Callable[[int], str] | None) -> np.ndarray:
+        """``batch`` validated against earlier batches and the store, in storage dtype."""
         arr = batch if isinstance(batch, np.ndarray) else _to_numpy(batch)
         source_dtype = check_source_dtype(arr.dtype, self._ctx)
         if arr.ndim != 2:
@@ -135,19 +147,14 @@ class UnitWriter:
             (self._expected_rows, "expected"),
         ):
             if limit is not None and total > limit:
-                self.abort()
                 raise InputError(
                     f"{self._ctx}: {total} rows appended, but {what} {limit} rows; every unit "
                     "of a store must have the same rows"
                 )
         offset = self._written + self._filled
-        describe = _describe or (lambda i: f"row {offset + i}")
-        try:
-            block = convert_block(arr, self.dtype, self._ctx, describe)
-        except InputError:
-            self.abort()
-            raise
-        self._add(block)
+        return convert_block(
+            arr, self.dtype, self._ctx, describe or (lambda i: f"row {offset + i}")
+        )
 
     def _add(self, block: np.ndarray) -> None:
         if self._buffer is None:

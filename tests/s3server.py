@@ -36,9 +36,6 @@ def _options(endpoint_url: str) -> dict:
     return {
         "key": FAKE_KEY,
         "secret": FAKE_SECRET,
-        # Instances are cached per argument set; a new session per test module is cheap
-        # and avoids an aiohttp session bound to a closed event loop.
-        "skip_instance_cache": True,
         "client_kwargs": {"endpoint_url": endpoint_url, "region_name": "us-east-1"},
     }
 
