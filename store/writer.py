@@ -236,9 +236,11 @@ class UnitWriter:
             if self._filled:
                 self._flush(self._buffer[: self._filled])
             self._buffer = None
+            if self._expected_rows is not None and self._expected_rows != total:
+                raise InputError(
+                    f"{self._ctx}: {total} rows written, but {self._expected_rows} expected"
+                )
             rows = self._row_set or RowSet(n_rows=total)
-            if rows.n_rows != total:
-                raise InputError(f"{self._ctx}: {total} rows written, but {rows.n_rows} expected")
             store = self._store
             committed = store._check_rows(rows, self.model, self.layer, self._ctx)
             with store._errors():

@@ -133,3 +133,15 @@ def test_overwriting_the_only_unit_may_change_rows(store):
     ingest_array(store, "m", "l", _acts(10))
     ingest_array(store, "m", "l", _acts(12), overwrite=True)
     assert store.n_rows == 12
+
+
+def test_streaming_writer_with_row_ids_and_expected_rows(store):
+    with UnitWriter(store, "m", "a", row_ids=["x", "y", "z"]) as w:
+        w.append(_acts(2))
+        w.append(_acts(1))
+    assert list(store.row_ids()) == ["x", "y", "z"] and store.n_rows == 3
+    w = UnitWriter(store, "m", "b", rows=3)
+    w.append(_acts(2))
+    with pytest.raises(InputError, match=r"layer 'b': 2 rows written, but 3 expected"):
+        w.close()
+    assert store.units() == [("m", "a")]
