@@ -21,6 +21,7 @@ from typing import TextIO
 from store.errors import InputError, NotFoundError, RepscopeError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+_SUBMIT_TRIES = 15
 _SUBMISSION_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
@@ -79,12 +80,23 @@ def submit(
     try:
         shutil.copyfile(spec_path, workdir / "spec.yaml")
         entrypoint = "repscope run spec.yaml --json" + (" --overwrite" if overwrite else "")
-        return c.submit_job(
-            entrypoint=entrypoint,
-            submission_id=submission_id,
-            runtime_env={"working_dir": str(workdir)},
-            metadata={"tool": "repscope", "spec": spec_path.name},
-        )
+        # A freshly started head answers "No available agent" for a few seconds: retry
+        # that (bounded); anything else is reported at once.
+        for attempt in range(_SUBMIT_TRIES):
+            try:
+                return c.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=submission_id,
+                    runtime_env={"working_dir": str(workdir)},
+                    metadata={"tool": "repscope", "spec": spec_path.name},
+                )
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or attempt + 1 == _SUBMIT_TRIES:
+                    raise RepscopeError(
+                        f"the Ray Jobs API at {address} refused the job: {exc}"
+                    ) from None
+                time.sleep(2)
+        raise AssertionError("unreachable")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -40,16 +40,29 @@ class RayCluster:
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(
             [RAY, "start", f"--address={self.address}", "--block",
-             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
+             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+             *node_ports()],
             stdout=log, stderr=subprocess.STDOUT, env=ray_env(), start_new_session=True,
         )
         self.workers.append(proc)
         return proc
 
 
+def node_ports() -> list[str]:
+    """Free ports for a node's agents: their defaults (52365, 10001, ...) are fixed numbers
+    that another Ray on this machine may hold, and an agent that cannot bind leaves the
+    node without a Jobs API."""
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "metrics-export-port")
+    return [f"--{name}={free_port()}" for name in names]
+
+
 def ray_env() -> dict[str, str]:
+    """Environment of the cluster's processes: token auth, and this venv's scripts on PATH
+    (as in the container image), so a submitted `repscope run` entrypoint is found."""
     env = dict(os.environ)
     env["RAY_AUTH_MODE"] = "token"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -93,7 +106,7 @@ def ray_cluster(tmp_path_factory):
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--disable-usage-stats"],
+         f"--ray-client-server-port={free_port()}", "--disable-usage-stats", *node_ports()],
         stdout=log, stderr=subprocess.STDOUT, env=ray_env(), start_new_session=True,
     )
     cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", head, log_dir=log_dir)
