@@ -7,6 +7,7 @@ import sys
 
 from jobs import report as report_mod
 from jobs import submit as submit_mod
+from store.cli import parse_storage_options, storage_option_arg
 
 
 def _address(parser, required: bool = False) -> None:
@@ -38,7 +39,7 @@ def cmd_run(args) -> int:
 def cmd_show(args) -> int:
     from jobs.results import open_results
 
-    ds = open_results(args.results)
+    ds = open_results(args.results, parse_storage_options(args.storage_option))
     text = report_mod.show_json(ds, args.metric) if args.json else report_mod.show_text(
         ds, args.metric)
     print(text)
@@ -48,7 +49,7 @@ def cmd_show(args) -> int:
 def cmd_report(args) -> int:
     from jobs.results import open_results
 
-    ds = open_results(args.results)
+    ds = open_results(args.results, parse_storage_options(args.storage_option))
     files = report_mod.write_report(ds, args.out, args.metric)
     for path in files:
         print(path)
@@ -97,12 +98,14 @@ def register(sub) -> None:
     p.add_argument("results", help="results store URL")
     p.add_argument("--metric", help="only this metric")
     p.add_argument("--json", action="store_true")
+    storage_option_arg(p)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("report", help="write PNG heatmaps of a results store")
     p.add_argument("results", help="results store URL")
     p.add_argument("--out", required=True, help="folder for the PNG files")
     p.add_argument("--metric", help="only this metric")
+    storage_option_arg(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs API)")

@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
         "--dtype", choices=STORAGE_DTYPES, default="float32", help="storage dtype (default float32)"
     )
     ingest.add_argument("--overwrite", action="store_true", help="replace existing units")
-    _storage_option_arg(ingest)
+    storage_option_arg(ingest)
     ingest.set_defaults(func=_ingest)
 
     inspect = subparsers.add_parser(
@@ -46,11 +46,11 @@ def register(subparsers: Any) -> None:
     )
     inspect.add_argument("store", metavar="STORE", help="store URL")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
-    _storage_option_arg(inspect)
+    storage_option_arg(inspect)
     inspect.set_defaults(func=_inspect)
 
 
-def _storage_option_arg(parser: argparse.ArgumentParser) -> None:
+def storage_option_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage-option",
         action="append",

@@ -42,9 +42,10 @@ def _options(endpoint_url: str) -> dict:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
+    # Plain imports: a missing test dependency must fail the run, not skip S3 tests.
+    import boto3
+    import moto.server as moto_server
+    import s3fs  # noqa: F401  (the backend under test)
 
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
