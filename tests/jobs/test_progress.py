@@ -20,7 +20,7 @@ def test_progress_bar_on_terminal_shows_rows_rate_eta():
     text = out.getvalue()
     assert "\r" in text and "500/1,000 rows" in text and "rows/s" in text and "ETA" in text
     p.close()
-    assert out.getvalue().endswith("accumulate: 500 rows in 0.0 s\n")
+    assert out.getvalue().splitlines()[-1].startswith("accumulate: 500 rows in")
 
 
 def test_progress_quiet_when_not_a_terminal():
