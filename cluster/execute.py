@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.moments import CrossMoments, block_moments, merge, merge_all
+from cluster.moments import CrossMoments, TileAccumulator, block_moments, merge, merge_all
 from store.errors import RepscopeError
 
 # Transient storage errors are retried by Ray; user errors are not (they would fail again).
@@ -69,8 +69,11 @@ def accumulate_tile(store, task: TileTask) -> CrossMoments:
         zb = None if task.units_b is None else read_group(store, task.units_b, *block)
         return za, zb
 
-    total: CrossMoments | None = None
     blocks = list(_blocks(task))
+    # Without fourth-order terms, blocks accumulate in place into one float64 matrix (no
+    # d_a x d_b allocation per block); with them, the functional block/merge path.
+    acc = None if task.fourth else TileAccumulator(task.widths_a, task.widths_b, gemm_dtype)
+    total: CrossMoments | None = None
     # One reader thread: the next block's I/O overlaps this block's GEMM (BLAS drops the GIL).
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read, blocks[0])
@@ -78,6 +81,10 @@ def accumulate_tile(store, task: TileTask) -> CrossMoments:
             za, zb = pending.result()
             if k + 1 < len(blocks):
                 pending = pool.submit(read, blocks[k + 1])
+            if acc is not None:
+                # The blocks are fresh arrays read for this task: shift them in place.
+                acc.update(za, zb, overwrite=True)
+                continue
             part = block_moments(
                 za,
                 zb,
@@ -87,7 +94,7 @@ def accumulate_tile(store, task: TileTask) -> CrossMoments:
                 gemm_dtype=gemm_dtype,
             )
             total = part if total is None else merge(total, part)
-    return total
+    return acc.result() if acc is not None else total
 
 
 def merge_parts(*parts: CrossMoments) -> CrossMoments:

@@ -41,6 +41,7 @@ __all__ = [
     "merge_all",
     "unit_moments",
     "pair_moments",
+    "TileAccumulator",
 ]
 
 
@@ -344,3 +345,130 @@ def pair_moments(tile: CrossMoments, u: int, v: int) -> PairMoments:
     rows, cols = unit_slice(tile.widths_a, u), unit_slice(tile.widths_b, v)
     sum_ab = float(tile.s[u, v]) if tile.fourth else None
     return PairMoments(tile.c[rows, cols], sum_ab)
+
+
+class TileAccumulator:
+    """In-place accumulation of one tile's moments over many row blocks (no fourth order).
+
+    The streaming counterpart of ``merge(total, block_moments(block))`` for a task's blocks,
+    without allocating a d_a x d_b matrix per block: each block is shifted by its own mean
+    rounded to the GEMM dtype (K_b), its product goes through one BLAS call (syrk for a
+    diagonal tile, gemm otherwise) into a preallocated buffer, and is added to one float64
+    accumulator. The per-block shifts are undone once, in :meth:`result`, by the exact identity
+    (rows i of block b, e_b = K_b - mean, s_b = sum_i (z_i - K_b) = n_b (mean_b - K_b)):
+
+        C = sum_b sum_i (za_i - K_b)(zb_i - K_b)^T + Sa^T Eb + Ea^T Sb + Ea^T diag(n) Eb
+
+    with Sa the rows s_b of group a, Ea the rows e_b (likewise b): a GEMM whose inner size is
+    the number of blocks. Up to rounding this is the Chan-Golub-LeVeque merge of the blocks.
+
+    Memory: the float64 accumulator and one GEMM-dtype buffer of d_a x d_b (12 bytes per entry
+    for float32), whatever the number of rows. Cost per block: the GEMM (half of it for a
+    diagonal tile) plus one d_a x d_b addition.
+    """
+
+    def __init__(self, widths_a: Sequence[int], widths_b: Sequence[int] | None = None,
+                 gemm_dtype: type | np.dtype = np.float32):
+        self.diagonal = widths_b is None
+        self.widths_a = tuple(int(w) for w in widths_a)
+        self.widths_b = self.widths_a if self.diagonal else tuple(int(w) for w in widths_b)
+        self.dtype = np.dtype(gemm_dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise InputError(f"gemm_dtype must be float32 or float64, got {self.dtype}")
+        da, db = sum(self.widths_a), sum(self.widths_b)
+        self.acc = np.zeros((da, db))
+        # Fortran order: BLAS writes it in place (scipy wrappers copy C-ordered outputs).
+        self._buf = np.zeros((da, db), dtype=self.dtype, order="F")
+        self._n: list[int] = []
+        self._shift_a: list[np.ndarray] = []
+        self._sum_a: list[np.ndarray] = []
+        self._shift_b: list[np.ndarray] = []
+        self._sum_b: list[np.ndarray] = []
+
+    def _shifted(
+        self, z: np.ndarray, side: str, overwrite: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(z - K) in the GEMM dtype (in place when allowed and z has that dtype), K as
+        float64, and s = n (mean - K)."""
+        mean = _column_mean(z, side)
+        shift = mean.astype(self.dtype)
+        if overwrite and z.dtype == self.dtype and z.flags.writeable and z.flags.c_contiguous:
+            zc = z
+            zc -= shift
+        else:
+            zc = np.subtract(z, shift, dtype=self.dtype)
+        shift64 = shift.astype(np.float64)
+        return zc, shift64, z.shape[0] * (mean - shift64)
+
+    def update(
+        self, za: np.ndarray, zb: np.ndarray | None = None, *, overwrite: bool = False
+    ) -> None:
+        """Add one row block: za (n_rows, d_a); zb (n_rows, d_b), None for a diagonal tile.
+        With ``overwrite`` a block already of the GEMM dtype is shifted in place (no copy)."""
+        from scipy.linalg import blas
+
+        za = np.asarray(za)
+        if za.ndim != 2 or za.shape[1] != self.acc.shape[0]:
+            raise InputError(f"group a block has shape {za.shape}; expected (rows, "
+                             f"{self.acc.shape[0]})")
+        if za.shape[0] == 0:
+            return
+        zc_a, ka, sa = self._shifted(za, "a", overwrite)
+        f32 = self.dtype == np.float32
+        if self.diagonal:
+            syrk = blas.ssyrk if f32 else blas.dsyrk
+            # zc_a.T is Fortran-contiguous: syrk reads it without a copy (upper triangle only).
+            syrk(1.0, zc_a.T, beta=0.0, c=self._buf, trans=0, lower=0, overwrite_c=1)
+            kb, sb = ka, sa
+        else:
+            zb = np.asarray(zb)
+            if zb.ndim != 2 or zb.shape != (za.shape[0], self.acc.shape[1]):
+                raise InputError(f"group b block has shape {zb.shape}; expected "
+                                 f"({za.shape[0]}, {self.acc.shape[1]})")
+            zc_b, kb, sb = self._shifted(zb, "b", overwrite)
+            gemm = blas.sgemm if f32 else blas.dgemm
+            gemm(1.0, zc_a.T, zc_b.T, beta=0.0, c=self._buf, trans_b=1, overwrite_c=1)
+            self._shift_b.append(kb)
+            self._sum_b.append(sb)
+        self.acc += self._buf
+        self._n.append(za.shape[0])
+        self._shift_a.append(ka)
+        self._sum_a.append(sa)
+
+    def result(self) -> CrossMoments:
+        """The tile's moments over every row added so far (float64). Frees the buffers."""
+        if not self._n:
+            return empty_moments(self.widths_a, None if self.diagonal else self.widths_b)
+        counts = np.asarray(self._n, dtype=np.float64)
+        n = int(counts.sum())
+        ka, sa = np.array(self._shift_a), np.array(self._sum_a)
+        mean_a = (counts @ ka + sa.sum(axis=0)) / n
+        ea = ka - mean_a
+        c = self.acc
+        self._buf = self.acc = None
+        if self.diagonal:
+            _mirror_upper(c)
+            mean_b, eb, sb = mean_a, ea, sa
+        else:
+            kb, sb = np.array(self._shift_b), np.array(self._sum_b)
+            mean_b = (counts @ kb + sb.sum(axis=0)) / n
+            eb = kb - mean_b
+        # C += [sa; ea; ea]^T [eb; sb; n eb], in place: c.T is Fortran-ordered for BLAS.
+        from scipy.linalg import blas
+
+        left = np.vstack([sa, ea, ea])
+        right = np.vstack([eb, sb, counts[:, None] * eb])
+        blas.dgemm(1.0, right, left, trans_a=1, beta=1.0, c=c.T, overwrite_c=1)
+        return CrossMoments(n, mean_a, mean_b, c, self.widths_a, self.widths_b,
+                            diagonal=self.diagonal)
+
+
+def _mirror_upper(c: np.ndarray, block: int = 1024) -> None:
+    """Copy the upper triangle of square ``c`` onto its lower one, in place, by blocks."""
+    d = c.shape[0]
+    for i in range(0, d, block):
+        ie = min(i + block, d)
+        for j in range(0, i, block):
+            c[i:ie, j:j + block] = c[j:j + block, i:ie].T
+        diag = c[i:ie, i:ie]
+        diag[...] = np.triu(diag) + np.triu(diag, 1).T
