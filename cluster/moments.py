@@ -447,7 +447,6 @@ class TileAccumulator:
         c = self.acc
         self._buf = self.acc = None
         if self.diagonal:
-            _mirror_upper(c)
             mean_b, eb, sb = mean_a, ea, sa
         else:
             kb, sb = np.array(self._shift_b), np.array(self._sum_b)
@@ -459,6 +458,8 @@ class TileAccumulator:
         left = np.vstack([sa, ea, ea])
         right = np.vstack([eb, sb, counts[:, None] * eb])
         blas.dgemm(1.0, right, left, trans_a=1, beta=1.0, c=c.T, overwrite_c=1)
+        if self.diagonal:
+            _mirror_upper(c)  # syrk filled the upper triangle only
         return CrossMoments(n, mean_a, mean_b, c, self.widths_a, self.widths_b,
                             diagonal=self.diagonal)
 
