@@ -10,19 +10,23 @@ Layout (the interface other tools read):
   ``store_fingerprint``, ``rows`` ([start, stop)), ``created`` (UTC ISO 8601),
   ``directions`` (JSON {metric: direction}).
 
-Atomic replacement: on a local file system the new result is written beside the output and
-swapped in with one rename(2) exchange, so a reader sees the old or the new result, never a
-mixture. Object stores have no rename: there the arrays are written first and the group's
-consolidated metadata last (see docs/results.md for what a concurrent reader can see).
+Atomic replacement on a local file system: every result is written, complete, into its own
+version folder `.<name>.versions/<time>-<id>/`, and the output path is a symbolic link that
+one rename(2) points at the new version. Versions are never modified; the previous one is
+kept while a new one is written, so a reader that resolved the link (``open_results`` does)
+reads one whole version. ``xarray.open_zarr(output)`` works as on any Zarr folder; a lazy
+reader that must not straddle a concurrent rewrite opens ``os.path.realpath(output)``.
+Object stores have no rename: there the arrays are written first and the group's
+consolidated metadata last, so a concurrent reader may see a mixture while a rewrite is in
+flight (docs/jobs.md); the output lock (jobs/lock.py) still keeps writers apart.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -78,15 +82,30 @@ def build_dataset(
 
 
 def open_results(url: str, storage_options: dict | None = None):
-    """Open a results store as an xarray Dataset; NotFoundError if there is none."""
+    """Load a results store into memory as an xarray Dataset; NotFoundError if there is none.
+
+    A local output is a link to its current version: the link is resolved once, so the whole
+    Dataset comes from one version even if a new one is written meanwhile.
+    """
     import xarray as xr
 
     from store import redact
 
-    try:
-        return xr.open_zarr(url, storage_options=storage_options or None, zarr_format=3)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise NotFoundError(f"no results store at {redact(url)} ({type(exc).__name__})") from None
+    path = local_path(url)
+    for _ in range(3):
+        where = os.path.realpath(path) if path is not None else url
+        try:
+            with xr.open_zarr(where, storage_options=storage_options or None,
+                              zarr_format=3) as ds:
+                loaded = ds.load()
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            raise NotFoundError(
+                f"no results store at {redact(url)} ({type(exc).__name__})"
+            ) from None
+        # A version pruned while it was read reads as fill values: read the current one.
+        if path is None or os.path.isdir(where):
+            return loaded
+    raise NotFoundError(f"results store at {redact(url)} kept changing while being read")
 
 
 def existing_identity(url: str, storage_options: dict | None = None) -> str | None:
@@ -120,45 +139,41 @@ def _to_zarr(ds, url: str, storage_options: dict | None) -> None:
 
 
 def write_results(ds, url: str, storage_options: dict | None = None) -> None:
-    """Write a results Dataset so that readers never see a partial result."""
+    """Write a results Dataset so that readers never see a partial result (module docs)."""
     path = local_path(url)
     if path is None:
         _to_zarr(ds, url, storage_options)
         return
     path = path.absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    versions = path.with_name(f".{path.name}.versions")
+    versions.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    new = versions / f"{stamp}-{uuid.uuid4().hex[:8]}"
+    link = path.with_name(f".{path.name}.link-{uuid.uuid4().hex[:8]}")
     try:
-        _to_zarr(ds, str(staging), None)
-        _swap_into_place(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _to_zarr(ds, str(new), None)
+        if path.is_dir() and not path.is_symlink():
+            # An output written as a plain directory (by hand, or by an older version):
+            # keep it as a version so the link can take its place.
+            os.rename(path, versions / f"00000000T000000-{uuid.uuid4().hex[:8]}-plain")
+        os.symlink(os.path.relpath(new, path.parent), link)
+        os.replace(link, path)  # rename(2): atomic, the link now names the new version
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        link.unlink(missing_ok=True)
+        raise
+    _prune_versions(versions, keep={new.name, Path(os.readlink(path)).name})
 
 
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Put directory `new` at `target` atomically; `new` then holds the old content (if any)."""
-    if not target.exists():
-        os.rename(new, target)
-        new.mkdir()  # the caller removes `new`; keep that uniform
-        return
-    if not _rename_exchange(new, target):
-        # No renameat2 (non-Linux): two renames; a reader may briefly find no output, but
-        # never a mixture of two results.
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        os.rename(new, target)
-        os.rename(old, new)
+# Old versions stay this long after they were replaced, so a reader that resolved the link
+# before a rewrite can finish reading them.
+VERSION_GRACE_SECONDS = 600.0
 
 
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically exchange two paths with Linux renameat2(RENAME_EXCHANGE)."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return rc == 0
+def _prune_versions(versions: Path, keep: set[str], grace: float | None = None) -> None:
+    """Remove versions other than `keep` that were replaced more than `grace` seconds ago."""
+    grace = VERSION_GRACE_SECONDS if grace is None else grace
+    now = time.time()
+    for p in versions.iterdir():
+        if p.name not in keep and now - p.stat().st_mtime > grace:
+            shutil.rmtree(p, ignore_errors=True)

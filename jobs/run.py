@@ -14,9 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from cluster.execute import Progress, TileTask, connect, run_tiles
+import numpy as np
+
+from cluster.execute import Progress, TileTask, connect, run_grams, run_tiles
+from cluster.gram import GramTask, gram_similarity_matrices, gram_slabs
 from cluster.metrics import METRICS, similarity_matrices
 from cluster.moments import pair_moments, unit_moments
+from jobs.lock import output_lock
 from jobs.plan import Plan, make_plan
 from jobs.results import build_dataset, check_output, write_results
 from jobs.spec import JobSpec
@@ -70,6 +74,41 @@ def tile_tasks(plan: Plan) -> dict[tuple[int, int], list[TileTask]]:
     return tasks
 
 
+def gram_tasks(plan: Plan) -> dict[tuple[int, int], list[GramTask]]:
+    """Sample space: every tile's tasks over interleaved row slabs of the Gram triangle. A
+    job of one tile runs as one task with every worker as a BLAS thread (one copy of rows)."""
+    def units(g: int):
+        return tuple((plan.units[i].model, plan.units[i].layer) for i in plan.groups[g])
+
+    slabs = gram_slabs(plan.n_rows, plan.slab_rows)
+    single = len(plan.tiles) == 1
+    splits = 1 if single else max(1, min(len(slabs), -(-2 * plan.workers // len(plan.tiles))))
+    return {
+        (a, b): [
+            GramTask(units(a), None if a == b else units(b), plan.rows[0], plan.rows[1],
+                     tuple(slabs[k::splits]), plan.precision,
+                     threads=plan.workers if single else None)
+            for k in range(splits)
+        ]
+        for a, b in plan.tiles
+    }
+
+
+def finalize_sample(plan: Plan, tiles: dict, metrics) -> dict:
+    """Similarity matrices from the tiles' Gram inner products (cluster.gram)."""
+    where = [plan.group_of(i) for i in range(len(plan.units))]
+    count = len(plan.units)
+    kl, dd, trace = np.zeros((count, count)), np.zeros((count, count)), np.zeros(count)
+    for i, (gi, pi) in enumerate(where):
+        trace[i] = tiles[(gi, gi)].trace_a[pi]
+        for j in range(i, count):
+            gj, pj = where[j]
+            t = tiles[(gi, gj)]
+            kl[i, j] = kl[j, i] = t.kl[pi, pj]
+            dd[i, j] = dd[j, i] = t.dd[pi, pj]
+    return gram_similarity_matrices(plan.n_rows, kl, dd, trace, metrics)
+
+
 def finalize(plan: Plan, tiles, metrics, *, svcca_threshold: float):
     """Similarity matrices from the merged tiles: per-unit work once, then every pair."""
     where = [plan.group_of(i) for i in range(len(plan.units))]
@@ -105,29 +144,42 @@ def run_job(
     log = log or sys.stderr
     t0 = time.perf_counter()
     store = ActivationStore.open(spec.store, spec.storage_options)
+    # A first plan checks every name and the rows before anything starts or is written.
+    make_plan(spec, store, workers=spec.compute.workers or os.cpu_count() or 1)
+    with output_lock(spec.output, spec.storage_options):
+        return _run_locked(spec, store, address=address, overwrite=overwrite, log=log, t0=t0)
+
+
+def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSummary:
     identity = spec_identity(spec)
     check_output(spec.output, identity, spec.storage_options, overwrite)
-    # A first plan checks every name and the rows before Ray starts.
-    make_plan(spec, store, workers=spec.compute.workers or os.cpu_count() or 1)
 
     cpus = connect(address, spec.compute.workers)
     plan = make_plan(spec, store, workers=spec.compute.workers or cpus)
-    tasks = tile_tasks(plan)
+    tasks = tile_tasks(plan) if plan.space == "feature" else gram_tasks(plan)
     n_tasks = sum(len(t) for t in tasks.values())
     print(
         f"plan: {len(plan.units)} units, {plan.n_pairs} pairs, {plan.n_rows:,} rows, "
-        f"{len(plan.tiles)} tile(s) x {len(plan.row_ranges)} row range(s) on {plan.workers} "
+        f"{plan.space} space, {len(plan.tiles)} tile(s), {n_tasks} task(s) on {plan.workers} "
         f"worker(s), {plan.precision} GEMMs",
         file=log,
     )
     progress = Progress(plan.n_rows, "accumulate", stream=log)
     t_acc = time.perf_counter()
-    tiles = run_tiles(store, tasks, progress)
+    if plan.space == "feature":
+        tiles = run_tiles(store, tasks, progress)
+    else:
+        tiles = run_grams(store, tasks)
+        progress(plan.n_rows)
     accumulate_seconds = time.perf_counter() - t_acc
     progress.close()
 
     t_fin = time.perf_counter()
-    matrices = finalize(plan, tiles, spec.metrics, svcca_threshold=spec.compute.svcca_threshold)
+    if plan.space == "feature":
+        matrices = finalize(plan, tiles, spec.metrics,
+                            svcca_threshold=spec.compute.svcca_threshold)
+    else:
+        matrices = finalize_sample(plan, tiles, spec.metrics)
     print(f"finalize: {plan.n_pairs} pairs in {time.perf_counter() - t_fin:.1f} s", file=log)
 
     ds = build_dataset(

@@ -1,0 +1,110 @@
+"""Results are replaced atomically, and one run at a time writes an output."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from jobs.lock import output_lock
+from jobs.results import build_dataset, open_results, write_results
+from jobs.run import run_job
+from jobs.spec import parse_spec
+from store.errors import ConflictError
+from tests.jobs.conftest import make_store
+
+UNITS = [("m", f"l{i}") for i in range(8)]
+
+
+def dataset(value: float):
+    mats = {name: np.full((8, 8), value) for name in ("linear_cka", "procrustes", "pwcca")}
+    dirs = {"linear_cka": "similarity", "procrustes": "distance", "pwcca": "similarity"}
+    return build_dataset(mats, UNITS, dirs, {"run": value})
+
+
+def test_reader_never_sees_a_mixture(tmp_path):
+    out = str(tmp_path / "r.zarr")
+    write_results(dataset(1.0), out)
+    stop = threading.Event()
+    seen, mixtures, errors = set(), [], []
+
+    def writer():
+        for k in range(30):
+            write_results(dataset(float(k % 2 + 1)), out)
+        stop.set()
+
+    def reader():
+        while not stop.is_set():
+            for ds in (open_results(out), xr.open_zarr(os.path.realpath(out))):
+                try:
+                    values = {float(v) for n in ds.data_vars for v in np.unique(ds[n].values)}
+                    values.add(float(ds.attrs["run"]))
+                except FileNotFoundError as exc:
+                    errors.append(exc)
+                    continue
+                seen.update(values)
+                if len(values) != 1:
+                    mixtures.append(values)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not mixtures
+    assert not errors
+    assert seen == {1.0, 2.0}
+    assert sorted(os.listdir(tmp_path)) == [".r.zarr.versions", "r.zarr"]  # no stray links
+    assert float(xr.open_zarr(out).attrs["run"]) == 2.0
+
+
+def test_replaced_versions_are_pruned_after_the_grace_period(tmp_path, monkeypatch):
+    import jobs.results
+
+    out = str(tmp_path / "r.zarr")
+    write_results(dataset(1.0), out)
+    write_results(dataset(2.0), out)
+    assert len(os.listdir(tmp_path / ".r.zarr.versions")) == 2  # previous one spared
+    monkeypatch.setattr(jobs.results, "VERSION_GRACE_SECONDS", 0.0)
+    write_results(dataset(3.0), out)
+    assert os.listdir(tmp_path / ".r.zarr.versions") == [os.path.basename(os.readlink(out))]
+    assert float(open_results(out).attrs["run"]) == 3.0
+
+
+def test_second_writer_refuses_while_first_holds_the_output(tmp_path):
+    store = tmp_path / "acts.zarr"
+    make_store(str(store), {"m": [4, 3]}, rows=100)
+    out = tmp_path / "r.zarr"
+    spec = parse_spec(f"store: {store}\noutput: {out}\nmetrics: [linear_cka]\n")
+    with output_lock(str(out)):
+        with pytest.raises(ConflictError, match=r"being written by another run \(pid \d+"):
+            run_job(spec)
+    assert not out.exists()
+
+
+def test_lock_of_a_dead_process_is_taken_over(tmp_path):
+    out = tmp_path / "r.zarr"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock = tmp_path / "r.zarr.lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": 0}))
+    with output_lock(str(out)):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_lock_on_s3(s3_server):
+    out = s3_server.url("locked.zarr")
+    options = s3_server.storage_options
+    with output_lock(out, options):
+        with pytest.raises(ConflictError, match="being written by another run"):
+            with output_lock(out, options):
+                pass
+    with output_lock(out, options):  # released
+        pass
