@@ -17,14 +17,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def reference_dir() -> Path:
-    """The shared reference activations: $REPSCOPE_REFERENCE or ../shared/reference."""
-    path = Path(os.environ.get("REPSCOPE_REFERENCE", REPO.parent / "shared" / "reference"))
-    if not (path / "values.json").is_file():
-        raise FileNotFoundError(
-            f"reference data not found at {path}; set REPSCOPE_REFERENCE to the folder that "
-            "holds values.json"
-        )
-    return path
+    """The reference activations and values: $REPSCOPE_REFERENCE if set, else the shared
+    folder beside the checkout (../shared/reference), else the copy in tests/reference
+    (for clones that have no shared folder beside them)."""
+    if "REPSCOPE_REFERENCE" in os.environ:
+        candidates = [Path(os.environ["REPSCOPE_REFERENCE"])]
+    else:
+        candidates = [REPO.parent / "shared" / "reference", REPO / "tests" / "reference"]
+    for path in candidates:
+        if (path / "values.json").is_file():
+            return path
+    raise FileNotFoundError(
+        f"reference data not found in {', '.join(map(str, candidates))}; set "
+        "REPSCOPE_REFERENCE to the folder that holds values.json"
+    )
 
 
 @pytest.fixture(scope="session")

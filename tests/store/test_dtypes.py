@@ -33,7 +33,7 @@ def test_conversion_round_trip(store, source, storage):
 
 
 def test_bfloat16_from_ml_dtypes_is_exact(store):
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import ml_dtypes  # a test dependency: fail, never skip, if it is missing
     x = np.random.default_rng(1).standard_normal((40, 8)).astype(ml_dtypes.bfloat16)
     info = ingest_array(store, "m", "l", x)
     assert info.source_dtype == "bfloat16" and info.dtype == "float32"
@@ -43,7 +43,7 @@ def test_bfloat16_from_ml_dtypes_is_exact(store):
 
 
 def test_bfloat16_nan_is_found(store):
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import ml_dtypes  # a test dependency: fail, never skip, if it is missing
     x = np.zeros((5, 3), dtype=ml_dtypes.bfloat16)
     x[4, 1] = np.inf
     with pytest.raises(InputError, match=r"layer 'l': \+Inf at row 4, column 1"):
