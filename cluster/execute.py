@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cluster.gram import GramStats, GramTask, gram_tile, merge_gram_stats
 from cluster.moments import CrossMoments, TileAccumulator, block_moments, merge, merge_all
 from store.errors import RepscopeError
 
@@ -43,6 +44,7 @@ class TileTask:
     block_rows: int
     fourth: bool
     precision: str
+    threads: int | None = None  # BLAS threads (and Ray CPUs) of the task; None: 1
 
     @property
     def rows(self) -> int:
@@ -60,8 +62,24 @@ def _blocks(task: TileTask) -> Iterator[tuple[int, int]]:
         yield start, min(start + task.block_rows, task.stop)
 
 
+def blas_threads(threads: int | None):
+    """A context limiting (or raising) the BLAS threads of this process; no-op for None."""
+    from contextlib import nullcontext
+
+    if not threads:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
 def accumulate_tile(store, task: TileTask) -> CrossMoments:
     """Stream a task's rows block by block and return the tile's merged moments."""
+    with blas_threads(task.threads):
+        return _accumulate_tile(store, task)
+
+
+def _accumulate_tile(store, task: TileTask) -> CrossMoments:
     gemm_dtype = np.float32 if task.precision == "float32" else np.float64
 
     def read(block: tuple[int, int]):
@@ -99,6 +117,21 @@ def accumulate_tile(store, task: TileTask) -> CrossMoments:
 
 def merge_parts(*parts: CrossMoments) -> CrossMoments:
     return merge_all(parts)
+
+
+def run_grams(store, tasks: dict[tuple[int, int], list[GramTask]]) -> dict[tuple[int, int],
+                                                                          GramStats]:
+    """Sample space: run every Gram task (a task with ``threads`` asks Ray for that many CPUs
+    and uses them as BLAS threads) and add each tile's parts. Parts are (U_a x U_b) small."""
+    import ray
+
+    remote = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=[OSError])(gram_tile)
+    store_ref = ray.put(store)
+    refs = {
+        tile: [remote.options(num_cpus=t.threads or 1).remote(store_ref, t) for t in ts]
+        for tile, ts in tasks.items()
+    }
+    return {tile: merge_gram_stats(*ray.get(rs)) for tile, rs in refs.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +216,8 @@ def run_tiles(
     refs: dict[tuple[int, int], list] = {}
     rows_of = {}
     for tile, ts in tasks.items():
-        refs[tile] = [accumulate.remote(store_ref, t) for t in ts]
+        refs[tile] = [accumulate.options(num_cpus=t.threads or 1).remote(store_ref, t)
+                      for t in ts]
         rows_of.update({ref: t.rows / n_tiles for ref, t in zip(refs[tile], ts, strict=True)})
     finals = {tile: _tree(list(rs), merge_remote) for tile, rs in refs.items()}
 

@@ -216,14 +216,9 @@ def gram_tile(store, task: GramTask) -> GramStats:
     Memory: the tile's centered rows (n x (d_a + d_b) in the GEMM dtype) and one slab's
     vectors per unit (|I| x n float64 each): no whole Gram is held.
     """
-    from contextlib import nullcontext
+    from cluster.execute import blas_threads
 
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn/scipy
-        threadpool_limits = None
-    limit = (threadpool_limits(limits=task.threads, user_api="blas")
-             if task.threads and threadpool_limits else nullcontext())
+    limit = blas_threads(task.threads)
     dtype = np.float32 if task.precision == "float32" else np.float64
     with limit:
         xa = _read_centered(store, task.units_a, task.start, task.stop, dtype)

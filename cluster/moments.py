@@ -376,8 +376,9 @@ class TileAccumulator:
         if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise InputError(f"gemm_dtype must be float32 or float64, got {self.dtype}")
         da, db = sum(self.widths_a), sum(self.widths_b)
-        self.acc = np.zeros((da, db))
-        # Fortran order: BLAS writes it in place (scipy wrappers copy C-ordered outputs).
+        # Fortran order for both: BLAS writes the buffer in place (scipy's wrappers copy
+        # C-ordered outputs), and the accumulator then adds it with matching strides.
+        self.acc = np.zeros((da, db), order="F")
         self._buf = np.zeros((da, db), dtype=self.dtype, order="F")
         self._n: list[int] = []
         self._shift_a: list[np.ndarray] = []
@@ -430,7 +431,14 @@ class TileAccumulator:
             gemm(1.0, zc_a.T, zc_b.T, beta=0.0, c=self._buf, trans_b=1, overwrite_c=1)
             self._shift_b.append(kb)
             self._sum_b.append(sb)
-        self.acc += self._buf
+        if self.diagonal:
+            # Only the upper triangle holds the product: add it by column blocks.
+            for j in range(0, self.acc.shape[1], 1024):
+                cols = slice(j, j + 1024)
+                np.add(self.acc[: j + 1024, cols], self._buf[: j + 1024, cols],
+                       out=self.acc[: j + 1024, cols])
+        else:
+            np.add(self.acc, self._buf, out=self.acc)
         self._n.append(za.shape[0])
         self._shift_a.append(ka)
         self._sum_a.append(sa)
@@ -452,12 +460,12 @@ class TileAccumulator:
             kb, sb = np.array(self._shift_b), np.array(self._sum_b)
             mean_b = (counts @ kb + sb.sum(axis=0)) / n
             eb = kb - mean_b
-        # C += [sa; ea; ea]^T [eb; sb; n eb], in place: c.T is Fortran-ordered for BLAS.
+        # C += [sa; ea; ea]^T [eb; sb; n eb], in place (c is Fortran-ordered for BLAS).
         from scipy.linalg import blas
 
         left = np.vstack([sa, ea, ea])
         right = np.vstack([eb, sb, counts[:, None] * eb])
-        blas.dgemm(1.0, right, left, trans_a=1, beta=1.0, c=c.T, overwrite_c=1)
+        blas.dgemm(1.0, left, right, trans_a=1, beta=1.0, c=c, overwrite_c=1)
         if self.diagonal:
             _mirror_upper(c)  # syrk filled the upper triangle only
         return CrossMoments(n, mean_a, mean_b, c, self.widths_a, self.widths_b,

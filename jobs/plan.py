@@ -20,8 +20,12 @@ from store.errors import InputError, NotFoundError
 
 # Per tile a task holds the float64 accumulator, the block product and a merge temporary.
 _TILE_COPIES = 3
-_BLOCK_BYTES = 64 << 20  # float32 input rows per GEMM block, per tile (both groups)
-_MIN_BLOCK_ROWS = 256
+# float32 input rows per GEMM block, per tile (both groups): large blocks keep the GEMMs at
+# BLAS peak and make the per-block d_a x d_b accumulator addition negligible next to them.
+_BLOCK_BYTES = 256 << 20
+_MIN_BLOCK_ROWS = 2048
+# Sample space: one slab's Gram rows of all units of a tile (float64) stays under this.
+_SLAB_BYTES = 128 << 20
 _MAX_BLOCK_ROWS = 65536
 
 
@@ -57,6 +61,9 @@ class Plan:
     memory_per_worker: int
     fourth: bool
     precision: str
+    space: str = "feature"
+    slab_rows: int = 0
+    threads: int = 1  # BLAS threads per task (Ray CPUs it asks for)
 
     @property
     def n_rows(self) -> int:
@@ -78,7 +85,11 @@ class Plan:
         return tuple(self.units[u].features for u in self.groups[group])
 
     def gemm_flops(self) -> float:
-        """Multiply-add flops (2 per MAC) of the accumulation: symmetric tiles counted half."""
+        """Multiply-add flops (2 per MAC) of the accumulation: symmetric tiles counted half.
+        Sample space: the Gram triangles, n^2 d per unit (the float64 inner products,
+        U^2 n^2, are not counted)."""
+        if self.space == "sample":
+            return float(self.n_rows) ** 2 * sum(u.features for u in self.units)
         total = 0.0
         for a, b in self.tiles:
             da, db = sum(self.widths(a)), sum(self.widths(b))
@@ -154,6 +165,36 @@ def make_groups(widths: list[int], max_width: int) -> tuple[tuple[int, ...], ...
     return tuple(tuple(g) for g in groups)
 
 
+def choose_space(spec: JobSpec, n: int, widths: list[int], memory: int) -> str:
+    """"feature" or "sample": the spec's choice, else the cheaper one in flops.
+
+    Feature space costs n D^2 flops for D = sum of widths (symmetric); sample space
+    n^2 D for the Gram triangles plus about 2 U^2 n^2 for their inner products, and holds a
+    tile's rows in memory (n x width of two groups, float32). Sample space finishes only
+    linear CKA and debiased CKA from streamed Grams (cluster.gram), so other metrics keep
+    the feature space; a spec forcing sample space for them is refused.
+    """
+    from cluster.gram import STREAMED_SAMPLE_METRICS, sample_space_flops
+
+    space = spec.compute.space
+    supported = all(m in STREAMED_SAMPLE_METRICS for m in spec.metrics)
+    if space == "sample" and not supported:
+        bad = [m for m in spec.metrics if m not in STREAMED_SAMPLE_METRICS]
+        raise InputError(
+            f"compute.space is 'sample' but {', '.join(bad)} cannot be finished from Gram "
+            f"inner products (sample space supports {', '.join(STREAMED_SAMPLE_METRICS)}); "
+            "use space: feature or auto"
+        )
+    if space != "auto":
+        return space
+    if not supported:
+        return "feature"
+    feature = float(n) * sum(widths) ** 2
+    # Rows of the widest unit must fit the budget for a Gram tile at all.
+    fits = 4 * n * 2 * max(widths) <= memory // 2
+    return "sample" if fits and sample_space_flops(n, widths) < feature / 2 else "feature"
+
+
 def make_plan(spec: JobSpec, store, *, workers: int) -> Plan:
     """Check the spec against the store and split the work. Reads metadata only."""
     from cluster.metrics import METRICS
@@ -161,9 +202,25 @@ def make_plan(spec: JobSpec, store, *, workers: int) -> Plan:
     units = select_units(spec, store)
     n_rows = store.n_rows or 0
     rows = resolve_rows(spec, n_rows)
+    n = rows[1] - rows[0]
     memory = spec.compute.memory_per_worker or default_memory_per_worker(workers)
+    widths = [u.features for u in units]
+    space = choose_space(spec, n, widths, memory)
+    fourth = any(METRICS[m].needs_fourth for m in spec.metrics)
+    if space == "sample":
+        # A diagonal tile holds one group's float32 rows in half the budget (an off-diagonal
+        # tile two): one group when it fits, as every extra group recomputes its Grams.
+        max_width = max(1, memory // (2 * 4 * n))
+        groups = make_groups(widths, max_width)
+        tiles = tuple((a, b) for a in range(len(groups)) for b in range(a, len(groups)))
+        widest = max(len(groups[a]) + len(groups[b]) for a, b in tiles)
+        slab_rows = int(max(16, min(n, _SLAB_BYTES // (8 * n * widest))))
+        return Plan(units=units, groups=groups, tiles=tiles, row_ranges=(rows,),
+                    block_rows=n, rows=rows, workers=workers, memory_per_worker=memory,
+                    fourth=fourth, precision=spec.compute.precision, space="sample",
+                    slab_rows=slab_rows)
     max_width = max(1, int(math.sqrt(memory / (8 * _TILE_COPIES))))
-    groups = make_groups([u.features for u in units], max_width)
+    groups = make_groups(widths, max_width)
     tiles = tuple((a, b) for a in range(len(groups)) for b in range(a, len(groups)))
 
     widest_tile = max(
@@ -173,9 +230,15 @@ def make_plan(spec: JobSpec, store, *, workers: int) -> Plan:
     block_rows = spec.compute.block_rows or int(
         min(_MAX_BLOCK_ROWS, max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // (4 * widest_tile)))
     )
-    n = rows[1] - rows[0]
-    # Enough tasks to keep every worker busy twice over, but never a task of less than a block.
-    splits = max(1, min(math.ceil(2 * workers / len(tiles)), math.ceil(n / block_rows)))
+    # Fewer tiles than workers: one task per tile, the workers as its BLAS threads (one
+    # accumulator per tile, no partials to merge; measured faster than a task per CPU on 2
+    # cores, docs/performance.md). Otherwise enough tasks to keep every worker busy twice
+    # over, but never a task of less than a block.
+    threads = max(1, workers // len(tiles))
+    if threads > 1:
+        splits = 1
+    else:
+        splits = max(1, min(math.ceil(2 * workers / len(tiles)), math.ceil(n / block_rows)))
     edges = [rows[0] + (n * k) // splits for k in range(splits + 1)]
     row_ranges = tuple((edges[k], edges[k + 1]) for k in range(splits))
     return Plan(
@@ -187,6 +250,7 @@ def make_plan(spec: JobSpec, store, *, workers: int) -> Plan:
         rows=rows,
         workers=workers,
         memory_per_worker=memory,
-        fourth=any(METRICS[m].needs_fourth for m in spec.metrics),
+        fourth=fourth,
         precision=spec.compute.precision,
+        threads=threads,
     )

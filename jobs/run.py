@@ -68,6 +68,7 @@ def tile_tasks(plan: Plan) -> dict[tuple[int, int], list[TileTask]]:
                 block_rows=plan.block_rows,
                 fourth=plan.fourth,
                 precision=plan.precision,
+                threads=plan.threads if plan.threads > 1 else None,
             )
             for start, stop in plan.row_ranges
         ]
