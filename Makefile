@@ -24,5 +24,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check store cluster jobs tests
 
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

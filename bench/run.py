@@ -1,0 +1,247 @@
+"""`python -m bench.run [--quick] [--workloads W1,W2] [--out bench-output/bench.json]`.
+
+For each workload: our job end to end on embedded Ray (peak RSS of the whole process tree
+sampled), (a) the naive float64 loop on a sample of pairs, scaled to all pairs, (b) the float32
+GEMM rate on the job's shapes, measured here, and (c) pytorch-cka where it computes the same
+matrix (debiased linear CKA from Grams), optional. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+
+from bench import naive
+from bench.workloads import FULL, QUICK, build_store
+
+
+class PeakRSS:
+    """Peak of the summed RSS of a process and all its descendants, sampled every 0.1 s."""
+
+    def __init__(self, pid: int | None = None):
+        import psutil
+
+        self.proc = psutil.Process(pid or os.getpid())
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def gemm_rate(rows: int, width: int, repeats: int = 3) -> float:
+    """(b) float32 syrk flops/s on a (rows, width) block, best of ``repeats``, this process."""
+    from scipy.linalg import blas
+
+    z = np.random.default_rng(0).standard_normal((rows, width), dtype=np.float32)
+    c = np.zeros((width, width), np.float32, order="F")
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        blas.ssyrk(1.0, z.T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1)
+        best = min(best, time.perf_counter() - t)
+    return rows * width * width / best  # 2 flops per MAC, half the matrix
+
+
+def run_ours(url: str, w, out: str, rows: int | None = None, **compute):
+    """Our job end to end (Ray start included): (summary, plan, matrices, seconds, peak RSS)."""
+    import ray
+
+    from jobs.plan import make_plan
+    from jobs.results import open_results
+    from jobs.run import run_job
+    from jobs.spec import spec_from_dict
+    from store import ActivationStore
+
+    if ray.is_initialized():
+        ray.shutdown()
+    raw = {"store": url, "metrics": list(w.metrics), "output": out,
+           "compute": {k: v for k, v in compute.items() if v is not None}}
+    if rows:
+        raw["rows"] = {"start": 0, "stop": rows}
+    spec = spec_from_dict(raw)
+    log = open(os.devnull, "w")
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        summary = run_job(spec, overwrite=True, log=log)
+        seconds = time.perf_counter() - t0
+        ray.shutdown()
+    plan = make_plan(spec, ActivationStore.open(url), workers=os.cpu_count() or 1)
+    ds = open_results(out)
+    matrices = {m: np.asarray(ds[m].values) for m in w.metrics}
+    units = list(zip(ds["model_x"].values.tolist(), ds["layer_x"].values.tolist(), strict=True))
+    return summary, plan, matrices, units, seconds, rss.peak
+
+
+def run_naive(url: str, units, metrics, ours, sample: int):
+    """(a) on ``sample`` pairs spread over the matrix: seconds per pair, max |ours - naive|."""
+    from store import ActivationStore
+
+    store = ActivationStore.open(url)
+    count = len(units)
+    rng = np.random.default_rng(0)
+    pairs = [(0, count - 1)] + [tuple(sorted(rng.choice(count, 2, replace=False)))
+                                for _ in range(sample - 1)]
+    diff = {m: 0.0 for m in metrics}
+    t0 = time.perf_counter()
+    for i, j in pairs:
+        values = naive.naive_pair(store, units[i], units[j], metrics)
+        for m, v in values.items():
+            diff[m] = max(diff[m], abs(v - ours[m][i, j]))
+    per_pair = (time.perf_counter() - t0) / len(pairs)
+    return per_pair, diff
+
+
+def run_peer(url: str, rows: int, ours_debiased: np.ndarray | None):
+    """(c) pytorch-cka in a child process: seconds, peak RSS, max |ours - peer|."""
+    try:
+        import cka  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return {"status": "not installed (pip install '.[bench]')"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "peer.npy")
+        proc = subprocess.Popen([sys.executable, "-m", "bench.peer", url, str(rows), path],
+                                stdout=subprocess.PIPE, text=True)
+        with PeakRSS(proc.pid) as rss:
+            out, _ = proc.communicate()
+        if proc.returncode:
+            return {"status": f"failed (exit {proc.returncode})"}
+        result = json.loads(out.strip().splitlines()[-1])
+        matrix = np.load(path)
+    result.update(status="ok", peak_rss_gib=rss.peak / 2**30)
+    if ours_debiased is not None:
+        result["max_abs_diff_vs_ours"] = float(np.abs(matrix - ours_debiased).max())
+    return result
+
+
+def bench_workload(w, cache: str, outdir: str, quick: bool) -> dict:
+    t = time.perf_counter()
+    url = build_store(w, cache)
+    print(f"[{w.name}] store {url} ready in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    res = os.path.join(outdir, "results")
+    out = os.path.join(res, f"{w.name}.zarr")
+    summary, plan, ours, units, seconds, peak = run_ours(url, w, out)
+    widest = max(sum(plan.widths(g)) for g in range(len(plan.groups)))
+    rate = gemm_rate(min(plan.block_rows, 8192) if plan.space == "feature" else 2048,
+                     min(widest, 4096))
+    ideal = summary.gemm_flops / rate
+    row = {
+        "workload": asdict(w), "space": plan.space, "tiles": len(plan.tiles),
+        "tasks": summary.tasks, "block_rows": plan.block_rows,
+        "seconds": seconds, "accumulate_seconds": summary.accumulate_seconds,
+        "gemm_flops": summary.gemm_flops, "gemm_rate_gflops": rate / 1e9,
+        "efficiency_accumulate": ideal / summary.accumulate_seconds,
+        "efficiency_end_to_end": ideal / seconds, "peak_rss_gib": peak / 2**30,
+    }
+    if w.name != "W3":
+        sample = 3 if quick else 2
+        per_pair, diff = run_naive(url, units, w.metrics, ours, sample)
+        row.update(naive_seconds_per_pair=per_pair, naive_pairs_timed=sample,
+                   naive_seconds=per_pair * w.pairs, speedup_vs_naive=per_pair * w.pairs / seconds,
+                   max_abs_diff_vs_naive=diff)
+    if w.name == "W4":
+        s2, p2, m2, _, sec2, peak2 = run_ours(url, w, os.path.join(res, "W4-feature.zarr"),
+                                              space="feature", memory_per_worker="2GiB")
+        row["feature_space"] = {
+            "seconds": sec2, "accumulate_seconds": s2.accumulate_seconds,
+            "gemm_flops": s2.gemm_flops, "tiles": len(p2.tiles), "peak_rss_gib": peak2 / 2**30,
+            "max_abs_diff_vs_sample": {m: float(np.abs(m2[m] - ours[m]).max()) for m in ours},
+        }
+        row["sample_speedup_vs_feature"] = sec2 / seconds
+        row["peer"] = run_peer(url, w.rows, ours.get("linear_cka_debiased"))
+    if w.name == "W1":
+        # pytorch-cka holds U n x n Grams: compare on the rows it can hold (debiased CKA).
+        rows = 4000
+        wp = replace(w, metrics=("linear_cka_debiased",))
+        s3, p3, m3, _, sec3, peak3 = run_ours(url, wp, os.path.join(res, "W1-peer.zarr"),
+                                              rows=rows)
+        row["peer"] = {"rows": rows, "ours_seconds": sec3, "ours_space": p3.space,
+                       "ours_peak_rss_gib": peak3 / 2**30,
+                       **run_peer(url, rows, m3["linear_cka_debiased"])}
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 cores)")
+    ap.add_argument("--workloads", default="W1,W2,W3,W4")
+    ap.add_argument("--rows", type=int, help="override the rows of W1/W3 (W3 gets 4x)")
+    ap.add_argument("--out", default="bench-output/bench.json")
+    ap.add_argument("--cache", default="bench-output/cache")
+    args = ap.parse_args(argv)
+    table = QUICK if args.quick else FULL
+    outdir = os.path.dirname(args.out) or "."
+    os.makedirs(args.cache, exist_ok=True)
+    rows = []
+    for name in args.workloads.split(","):
+        w = table[name.strip()]
+        if args.rows and w.name in ("W1", "W3"):
+            w = replace(w, rows=args.rows * (4 if w.name == "W3" else 1))
+        rows.append(bench_workload(w, args.cache, outdir, args.quick))
+        _write(args.out, rows)
+    print_table(rows)
+
+
+def _write(path, rows):
+    import platform
+
+    doc = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                       "numpy": np.__version__}, "workloads": rows}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=float)
+
+
+def print_table(rows):
+    print(f"{'wl':3} {'size':>22} {'space':7} {'ours s':>8} {'naive s':>9} {'speedup':>8} "
+          f"{'eff acc':>7} {'eff e2e':>7} {'RSS GiB':>7} {'max diff':>9}")
+    for r in rows:
+        w = r["workload"]
+        size = f"{w['models']}x{w['layers']}x{w['width']} n={w['rows']}"
+        diff = max(r.get("max_abs_diff_vs_naive", {0: float('nan')}).values())
+        print(f"{w['name']:3} {size:>22} {r['space']:7} {r['seconds']:8.1f} "
+              f"{r.get('naive_seconds', float('nan')):9.1f} "
+              f"{r.get('speedup_vs_naive', float('nan')):8.1f} "
+              f"{r['efficiency_accumulate']:7.2f} {r['efficiency_end_to_end']:7.2f} "
+              f"{r['peak_rss_gib']:7.2f} {diff:9.1e}")
+        if "feature_space" in r:
+            f = r["feature_space"]
+            print(f"    feature space: {f['seconds']:.1f} s, RSS {f['peak_rss_gib']:.2f} GiB; "
+                  f"sample is {r['sample_speedup_vs_feature']:.1f}x faster")
+        if "peer" in r:
+            print(f"    pytorch-cka: {json.dumps(r['peer'], default=float)}")
+
+
+if __name__ == "__main__":
+    main()

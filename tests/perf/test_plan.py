@@ -1,0 +1,84 @@
+"""The planner picks the cheaper space, honours a forced one, and tiles to fit memory."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from jobs.plan import make_plan
+from jobs.spec import spec_from_dict
+from store.errors import InputError
+
+
+class _MetaStore:
+    """Store metadata only: what the planner reads."""
+
+    url = "mem://"
+
+    def __init__(self, models: int, layers: int, width: int, rows: int):
+        self.n_rows = rows
+        self._models = [f"m{i}" for i in range(models)]
+        self._layers = [f"l{i}" for i in range(layers)]
+        self._width = width
+
+    def models(self):
+        return self._models
+
+    def layers(self, model):
+        return self._layers
+
+    def unit_info(self, model, layer):
+        return SimpleNamespace(features=self._width)
+
+
+def _spec(metrics, **compute):
+    return spec_from_dict({"store": "mem://", "output": "/tmp/x.zarr", "metrics": metrics,
+                           "compute": compute})
+
+
+def test_few_rows_wide_layers_pick_sample_space():
+    plan = make_plan(_spec(["linear_cka", "linear_cka_debiased"]),
+                     _MetaStore(4, 16, 2048, 4000), workers=2)
+    assert plan.space == "sample"
+    assert plan.gemm_flops() < 4000 * (64 * 2048) ** 2 / 5
+
+
+def test_many_rows_pick_feature_space():
+    plan = make_plan(_spec(["linear_cka"]), _MetaStore(2, 13, 768, 100_000), workers=2)
+    assert plan.space == "feature"
+
+
+def test_metrics_without_streamed_sample_form_keep_feature_space():
+    plan = make_plan(_spec(["linear_cka", "procrustes"]), _MetaStore(4, 16, 2048, 4000),
+                     workers=2)
+    assert plan.space == "feature"
+
+
+def test_spec_can_force_either_space():
+    store = _MetaStore(4, 16, 2048, 4000)
+    assert make_plan(_spec(["linear_cka"], space="feature"), store, workers=2).space == "feature"
+    big = _MetaStore(2, 2, 64, 100_000)
+    assert make_plan(_spec(["linear_cka"], space="sample"), big, workers=2).space == "sample"
+    with pytest.raises(InputError, match="pwcca cannot be finished from Gram"):
+        make_plan(_spec(["pwcca"], space="sample"), store, workers=2)
+
+
+@pytest.mark.parametrize("space", ["feature", "sample"])
+def test_memory_budget_forces_tiles_instead_of_failing(space):
+    store = _MetaStore(4, 16, 2048, 4000)
+    roomy = make_plan(_spec(["linear_cka"], space=space, memory_per_worker="64GiB"), store,
+                      workers=2)
+    tight = make_plan(_spec(["linear_cka"], space=space, memory_per_worker="512MiB"), store,
+                      workers=2)
+    assert len(tight.tiles) > len(roomy.tiles)
+    # Every unit pair lies in a tile, and each tile's state fits the budget.
+    for a, b in tight.tiles:
+        wa, wb = sum(tight.widths(a)), sum(tight.widths(b))
+        if space == "feature":
+            assert 8 * wa * wb <= 512 << 20
+        else:
+            assert 4 * store.n_rows * (wa + wb) <= 512 << 20
+    groups = [set(g) for g in tight.groups]
+    assert sorted(np.concatenate([list(g) for g in groups])) == list(range(64))

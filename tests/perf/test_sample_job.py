@@ -1,0 +1,43 @@
+"""A job in sample space writes the same matrices as in feature space (embedded Ray)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from jobs.results import open_results
+from jobs.run import run_job
+from jobs.spec import spec_from_dict
+from tests.jobs.conftest import make_store
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("memory", [None, "1MiB"])
+def test_sample_space_job_equals_feature_space(tmp_path, ray_session, memory):
+    url = str(tmp_path / "acts.zarr")
+    make_store(url, {"a": [90, 120, 70], "b": [110, 60]}, rows=80)
+    metrics = ["linear_cka", "linear_cka_debiased"]
+    out = {}
+    for space in ("feature", "sample"):
+        compute = {"space": space, "workers": 2}
+        if memory:
+            compute["memory_per_worker"] = memory  # several tiles in either space
+        spec = spec_from_dict({"store": url, "metrics": metrics, "compute": compute,
+                               "output": str(tmp_path / f"{space}.zarr")})
+        log = io.StringIO()
+        run_job(spec, log=log)
+        assert f"{space} space" in log.getvalue()
+        out[space] = open_results(str(tmp_path / f"{space}.zarr"))
+    for m in metrics:
+        np.testing.assert_allclose(out["sample"][m].values, out["feature"][m].values,
+                                   atol=1e-6, rtol=0)
