@@ -53,7 +53,8 @@ def node_ports() -> list[str]:
     that another Ray on this machine may hold, and an agent that cannot bind leaves the
     node without a Jobs API."""
     names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "runtime-env-agent-port", "metrics-export-port")
+             "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
+             "object-manager-port")
     return [f"--{name}={free_port()}" for name in names]
 
 
@@ -96,24 +97,37 @@ def _wait_for_jobs_api(url: str, proc: subprocess.Popen, timeout: float = 90) ->
     raise RuntimeError(f"Ray Jobs API at {url} did not come up: {last}")
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A head node on loopback with 2 CPUs; yields RayCluster; stops everything after."""
-    log_dir = tmp_path_factory.mktemp("ray-logs")
+def start_cluster(log_dir: Path, head_cpus: int = 2) -> RayCluster:
+    """Start a head node on loopback and wait for its Jobs API; stop it with stop_cluster."""
     port, dash = free_port(), free_port()
     os.environ["RAY_AUTH_MODE"] = "token"  # this process is a client too
     log = open(log_dir / "head.log", "w")  # noqa: SIM115
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={head_cpus}",
          f"--ray-client-server-port={free_port()}", "--disable-usage-stats", *node_ports()],
         stdout=log, stderr=subprocess.STDOUT, env=ray_env(), start_new_session=True,
     )
     cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", head, log_dir=log_dir)
     try:
         _wait_for_jobs_api(cluster.dashboard, head)
+    except BaseException:
+        stop_cluster(cluster)
+        raise
+    return cluster
+
+
+def stop_cluster(cluster: RayCluster) -> None:
+    for w in cluster.workers:
+        stop_process(w)
+    stop_process(cluster.head)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A head node on loopback with 2 CPUs; yields RayCluster; stops everything after."""
+    cluster = start_cluster(tmp_path_factory.mktemp("ray-logs"))
+    try:
         yield cluster
     finally:
-        for w in cluster.workers:
-            stop_process(w)
-        stop_process(head)
+        stop_cluster(cluster)
