@@ -47,7 +47,7 @@ QUICK = {
     "W1": replace(FULL["W1"], width=256, rows=20_000),
     "W2": replace(FULL["W2"], width=128, rows=20_000),
     "W3": replace(FULL["W1"], name="W3", width=256, rows=80_000, note="memory: W1 with 4x rows"),
-    "W4": replace(FULL["W4"], layers=4, width=1024, rows=2_000),
+    "W4": replace(FULL["W4"], layers=4),
 }
 
 

@@ -27,6 +27,8 @@ _MIN_BLOCK_ROWS = 2048
 # Sample space: one slab's Gram rows of all units of a tile (float64) stays under this.
 _SLAB_BYTES = 128 << 20
 _MAX_BLOCK_ROWS = 65536
+_MAX_TASK_THREADS = 16
+_TASK_MIN_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -230,15 +232,19 @@ def make_plan(spec: JobSpec, store, *, workers: int) -> Plan:
     block_rows = spec.compute.block_rows or int(
         min(_MAX_BLOCK_ROWS, max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // (4 * widest_tile)))
     )
-    # Fewer tiles than workers: one task per tile, the workers as its BLAS threads (one
-    # accumulator per tile, no partials to merge; measured faster than a task per CPU on 2
-    # cores, docs/performance.md). Otherwise enough tasks to keep every worker busy twice
-    # over, but never a task of less than a block.
-    threads = max(1, workers // len(tiles))
-    if threads > 1:
-        splits = 1
+    # Few tiles (fewer than two per worker): tasks of several BLAS threads (up to one
+    # machine's worth). On 2 cores that is one task per tile with both cores, tiles one after
+    # another: one accumulator in memory, no idle worker at the end (faster than a task per
+    # CPU, docs/performance.md). Tiles are split into row ranges (partials merged exactly)
+    # for more parallelism or cheaper retries, but only when each range keeps at least
+    # _TASK_MIN_BLOCKS blocks, so that its accumulator and its partial are amortised.
+    # Many tiles: one single-threaded task per tile.
+    if len(tiles) < 2 * workers:
+        threads = min(workers, _MAX_TASK_THREADS)
+        splits = max(1, min(math.ceil(2 * workers / len(tiles)),
+                            n // (_TASK_MIN_BLOCKS * block_rows)))
     else:
-        splits = max(1, min(math.ceil(2 * workers / len(tiles)), math.ceil(n / block_rows)))
+        threads, splits = 1, 1
     edges = [rows[0] + (n * k) // splits for k in range(splits + 1)]
     row_ranges = tuple((edges[k], edges[k + 1]) for k in range(splits))
     return Plan(
