@@ -36,6 +36,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_nightly(args) -> int:
+    from jobs.nightly import nightly_job
+    from jobs.spec import load_spec
+
+    summary = nightly_job(load_spec(args.spec), address=args.address, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        print(
+            f"done: {summary.units} units, {summary.pairs_computed} pairs computed, "
+            f"{summary.pairs_reused} reused, {summary.seconds:.1f} s -> {summary.output}"
+        )
+    return 0
+
+
 def cmd_show(args) -> int:
     from jobs.results import open_results
 
@@ -58,7 +73,8 @@ def cmd_report(args) -> int:
 
 def cmd_submit(args) -> int:
     job_id = submit_mod.submit(
-        args.spec, args.address, submission_id=args.submission_id, overwrite=args.overwrite
+        args.spec, args.address, submission_id=args.submission_id, overwrite=args.overwrite,
+        nightly=args.nightly,
     )
     print(job_id)
     if not args.wait:
@@ -94,6 +110,15 @@ def register(sub) -> None:
                    help="replace an output that holds results of a different spec")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("nightly", help="incremental run: compute only pairs with new or "
+                       "changed units, reuse the rest, keep a dated snapshot")
+    p.add_argument("spec", help="job spec (YAML), as for run")
+    _address(p)
+    p.add_argument("--json", action="store_true", help="last line of stdout: a JSON summary")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start anew when the output holds results of a different spec")
+    p.set_defaults(func=cmd_nightly)
+
     p = sub.add_parser("show", help="print a results store's matrices, model-pair blocks")
     p.add_argument("results", help="results store URL")
     p.add_argument("--metric", help="only this metric")
@@ -113,6 +138,8 @@ def register(sub) -> None:
     _address(p, required=True)
     p.add_argument("--wait", action="store_true", help="follow the logs; exit 1 if it fails")
     p.add_argument("--submission-id", help="idempotent id: resubmitting it does nothing")
+    p.add_argument("--nightly", action="store_true",
+                   help="run `repscope nightly` (incremental) instead of `repscope run`")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_submit)
 

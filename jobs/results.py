@@ -56,8 +56,12 @@ def build_dataset(
     units: Sequence[tuple[str, str]],
     directions: dict[str, str],
     attrs: dict[str, Any],
+    keys: Sequence[str] | None = None,
 ):
-    """An xarray Dataset of (U, U) matrices with labelled unit axes."""
+    """An xarray Dataset of (U, U) matrices with labelled unit axes.
+
+    keys: optional content keys of the units (nightly runs), stored as coordinates
+    ``key_x`` and ``key_y``."""
     import xarray as xr
 
     # Object arrays of str become Zarr v3's variable-length UTF-8 strings.
@@ -73,6 +77,9 @@ def build_dataset(
         "model_y": ("y", models),
         "layer_y": ("y", layers),
     }
+    if keys is not None:
+        coords["key_x"] = ("x", np.array(list(keys), dtype=object))
+        coords["key_y"] = ("y", np.array(list(keys), dtype=object))
     base = {
         "repscope_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -129,7 +136,7 @@ def check_output(url: str, identity: str, storage_options: dict | None, overwrit
         )
 
 
-def _to_zarr(ds, url: str, storage_options: dict | None) -> None:
+def to_zarr(ds, url: str, storage_options: dict | None) -> None:
     with warnings.catch_warnings():
         # Consolidated metadata lets xarray.open_zarr(output) open with one read; zarr warns
         # that it is not yet part of the v3 spec.
@@ -142,7 +149,7 @@ def write_results(ds, url: str, storage_options: dict | None = None) -> None:
     """Write a results Dataset so that readers never see a partial result (module docs)."""
     path = local_path(url)
     if path is None:
-        _to_zarr(ds, url, storage_options)
+        to_zarr(ds, url, storage_options)
         return
     path = path.absolute()
     versions = path.with_name(f".{path.name}.versions")
@@ -151,7 +158,7 @@ def write_results(ds, url: str, storage_options: dict | None = None) -> None:
     new = versions / f"{stamp}-{uuid.uuid4().hex[:8]}"
     link = path.with_name(f".{path.name}.link-{uuid.uuid4().hex[:8]}")
     try:
-        _to_zarr(ds, str(new), None)
+        to_zarr(ds, str(new), None)
         if path.is_dir() and not path.is_symlink():
             # An output written as a plain directory (by hand, or by an older version):
             # keep it as a version so the link can take its place.

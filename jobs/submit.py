@@ -57,8 +57,9 @@ def submit(
     *,
     submission_id: str | None = None,
     overwrite: bool = False,
+    nightly: bool = False,
 ) -> str:
-    """Submit `repscope run` of a spec file; returns the submission id.
+    """Submit `repscope run` (or `repscope nightly`) of a spec file; returns the submission id.
 
     An explicit submission_id makes submission idempotent: if a job with that id exists
     already, its id is returned and nothing new is submitted (safe for schedulers).
@@ -79,7 +80,8 @@ def submit(
     workdir = Path(tempfile.mkdtemp(prefix="repscope-submit-"))
     try:
         shutil.copyfile(spec_path, workdir / "spec.yaml")
-        entrypoint = "repscope run spec.yaml --json" + (" --overwrite" if overwrite else "")
+        command = "nightly" if nightly else "run"
+        entrypoint = f"repscope {command} spec.yaml --json" + (" --overwrite" if overwrite else "")
         # A freshly started head answers "No available agent" for a few seconds: retry
         # that (bounded); anything else is reported at once.
         for attempt in range(_SUBMIT_TRIES):

@@ -1,0 +1,100 @@
+"""Nightly incremental runs: a repeat computes nothing; a new model computes exactly its
+pairs; values equal a full run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from jobs.cli import main
+from jobs.nightly import nightly_job
+from jobs.run import run_job
+from jobs.spec import parse_spec
+from store import ActivationStore, ingest_array
+from store.errors import ConflictError
+from tests.jobs.conftest import deep_net_activations, make_store
+
+METRICS = ["linear_cka", "linear_cka_debiased", "pwcca", "procrustes", "svcca"]
+
+
+def spec_text(store, output, **extra) -> str:
+    text = f"store: {store}\noutput: {output}\nmetrics: {json.dumps(METRICS)}\n"
+    text += "compute: {precision: float64}\n"
+    return text + "".join(f"{k}: {json.dumps(v)}\n" for k, v in extra.items())
+
+
+def test_nightly_grows_results_and_equals_a_full_run(tmp_path, embedded_ray):
+    store_url = str(tmp_path / "acts.zarr")
+    make_store(store_url, {"ckpt0": [6, 5], "ckpt1": [6, 5]}, rows=400)
+    out = tmp_path / "nightly.zarr"
+    spec = parse_spec(spec_text(store_url, out))
+
+    first = nightly_job(spec)
+    assert (first.pairs_total, first.pairs_computed, first.pairs_reused) == (10, 10, 0)
+
+    again = nightly_job(spec)
+    assert (again.pairs_computed, again.pairs_reused, again.tasks) == (0, 10, 0)
+
+    # a new checkpoint lands: 2 more units -> 21 pairs; computed: the 3 pairs among the new
+    # units (self pairs included) and the 2 x 4 pairs of a new with an unchanged unit
+    store = ActivationStore.open(store_url)
+    for i, acts in enumerate(deep_net_activations(400, [6, 5], seed=7)):
+        ingest_array(store, "ckpt2", f"layer{i + 1}", acts)
+    grown = nightly_job(spec)
+    assert grown.pairs_total == 21
+    assert grown.pairs_computed == 3 + 2 * 4 and grown.pairs_reused == 10
+
+    full = run_job(parse_spec(spec_text(store_url, tmp_path / "full.zarr")))
+    assert full.pairs_computed == 21
+    a, b = xr.open_zarr(out), xr.open_zarr(tmp_path / "full.zarr")
+    assert list(a["model_x"].values) == list(b["model_x"].values)
+    for m in METRICS:
+        np.testing.assert_allclose(a[m].values, b[m].values, rtol=0, atol=1e-9, err_msg=m)
+
+    history = sorted((tmp_path / "nightly.zarr.state" / "history").iterdir())
+    assert len(history) == 3
+    assert xr.open_zarr(history[0]).sizes["x"] == 4 and xr.open_zarr(history[-1]).sizes["x"] == 6
+
+
+def test_changed_unit_is_recomputed(tmp_path, embedded_ray):
+    store_url = str(tmp_path / "acts.zarr")
+    make_store(store_url, {"a": [5, 4], "b": [5, 4]}, rows=300)
+    spec = parse_spec(spec_text(store_url, tmp_path / "n.zarr"))
+    nightly_job(spec)
+    store = ActivationStore.open(store_url)
+    ingest_array(store, "b", "layer2",
+                 np.random.default_rng(5).standard_normal((300, 4)).astype(np.float32),
+                 overwrite=True)
+    summary = nightly_job(spec)
+    assert summary.pairs_computed == 4  # b/layer2 with each of the 4 units, itself included
+    full = run_job(parse_spec(spec_text(store_url, tmp_path / "f.zarr")))
+    assert full.pairs_total == 10
+    a, b = xr.open_zarr(tmp_path / "n.zarr"), xr.open_zarr(tmp_path / "f.zarr")
+    for m in METRICS:
+        np.testing.assert_allclose(a[m].values, b[m].values, rtol=0, atol=1e-9, err_msg=m)
+
+
+def test_nightly_refuses_output_of_another_spec(tmp_path, embedded_ray):
+    store_url = str(tmp_path / "acts.zarr")
+    make_store(store_url, {"a": [4]}, rows=100)
+    out = tmp_path / "n.zarr"
+    nightly_job(parse_spec(spec_text(store_url, out)))
+    other = parse_spec(f"store: {store_url}\noutput: {out}\nmetrics: [procrustes]\n")
+    with pytest.raises(ConflictError, match="different job spec"):
+        nightly_job(other)
+    assert nightly_job(other, overwrite=True).pairs_computed == 1
+
+
+def test_nightly_cli_json(tmp_path, capsys, embedded_ray):
+    store_url = str(tmp_path / "acts.zarr")
+    make_store(store_url, {"a": [4, 3]}, rows=100)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(spec_text(store_url, tmp_path / "n.zarr"))
+    assert main(["nightly", str(spec), "--json"]) == 0
+    assert main(["nightly", str(spec), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["pairs_total"] == 3 and summary["pairs_computed"] == 0
+    assert summary["pairs_reused"] == 3
