@@ -113,9 +113,57 @@ def heatmap(ax, ds, metric: str, model_a: str, model_b: str):
     return image
 
 
+def trends(ds, metric: str) -> dict[str, dict[str, list[float]]]:
+    """For models in order as a series of checkpoints: each layer's value to the previous
+    checkpoint and to the first. {"previous" | "first": {layer: [value for ckpt 1..M-1]}}."""
+    ms = models(ds)
+    keys = list(zip(ds["model_x"].values.tolist(), ds["layer_x"].values.tolist(), strict=True))
+    index = {k: i for i, k in enumerate(keys)}
+    layers = [layer for m, layer in keys if m == ms[0]]
+    values = ds[metric].values
+    out: dict[str, dict[str, list[float]]] = {"previous": {}, "first": {}}
+    for layer in layers:
+        if not all((m, layer) in index for m in ms):
+            continue  # a layer missing from some checkpoint has no series
+        i = [index[(m, layer)] for m in ms]
+        out["previous"][layer] = [float(values[i[k], i[k - 1]]) for k in range(1, len(ms))]
+        out["first"][layer] = [float(values[i[k], i[0]]) for k in range(1, len(ms))]
+    return out
+
+
+def write_trends(ds, out: Path, names: list[str]) -> list[Path]:
+    """Per metric, each layer's similarity to the previous and to the first checkpoint
+    over the series of models (in the results' order); needs at least three models."""
+    import matplotlib.pyplot as plt
+
+    ms = models(ds)
+    if len(ms) < 3:
+        return []
+    written = []
+    for name in names:
+        series = trends(ds, name)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for ax, (kind, title) in zip(axes, (("previous", "to the previous checkpoint"),
+                                            ("first", "to the first checkpoint")), strict=True):
+            for layer, ys in series[kind].items():
+                ax.plot(range(1, len(ms)), ys, marker="o", label=layer)
+            ax.set_xticks(range(1, len(ms)), ms[1:], rotation=45, ha="right", fontsize=7)
+            ax.set_title(f"{name} {title}", fontsize=9)
+            ax.set_xlabel("checkpoint")
+        axes[0].set_ylabel(f"{name} ({direction_text(ds, name)})")
+        axes[1].legend(fontsize=7, title="layer")
+        fig.tight_layout()
+        path = out / f"trend__{_safe(name)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def write_report(ds, out_dir: str | Path, metric: str | None = None) -> list[Path]:
     """PNG heatmaps: one per model pair and metric, plus one per model pair with every
-    chosen metric side by side. Returns the files written."""
+    chosen metric side by side; with three or more models, per metric each layer's trend
+    over the models taken as a series of checkpoints. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,4 +192,4 @@ def write_report(ds, out_dir: str | Path, metric: str | None = None) -> list[Pat
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
-    return written
+    return written + write_trends(ds, out, names)

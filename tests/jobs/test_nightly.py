@@ -98,3 +98,20 @@ def test_nightly_cli_json(tmp_path, capsys, embedded_ray):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["pairs_total"] == 3 and summary["pairs_computed"] == 0
     assert summary["pairs_reused"] == 3
+
+
+def test_report_draws_trends_over_checkpoints(tmp_path, embedded_ray):
+    from jobs.report import trends, write_report
+
+    store_url = str(tmp_path / "acts.zarr")
+    make_store(store_url, {"ckpt0": [5, 4], "ckpt1": [5, 4], "ckpt2": [5, 4]}, rows=200)
+    nightly_job(parse_spec(spec_text(store_url, tmp_path / "n.zarr")))
+    ds = xr.open_zarr(tmp_path / "n.zarr")
+    series = trends(ds, "linear_cka")
+    assert set(series["first"]) == {"layer1", "layer2"}
+    values = ds["linear_cka"].values
+    # ckpt2/layer2 (index 5) against ckpt1/layer2 (index 3) and ckpt0/layer2 (index 1)
+    assert series["previous"]["layer2"][1] == pytest.approx(values[5, 3])
+    assert series["first"]["layer2"][1] == pytest.approx(values[5, 1])
+    files = write_report(ds, tmp_path / "rep", "linear_cka")
+    assert tmp_path / "rep" / "trend__linear_cka.png" in files
