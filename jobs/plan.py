@@ -28,7 +28,7 @@ _MIN_BLOCK_ROWS = 2048
 _SLAB_BYTES = 128 << 20
 _MAX_BLOCK_ROWS = 65536
 _MAX_TASK_THREADS = 16
-_TASK_MIN_BLOCKS = 4
+_PARTIAL_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -236,13 +236,15 @@ def make_plan(spec: JobSpec, store, *, workers: int) -> Plan:
     # machine's worth). On 2 cores that is one task per tile with both cores, tiles one after
     # another: one accumulator in memory, no idle worker at the end (faster than a task per
     # CPU, docs/performance.md). Tiles are split into row ranges (partials merged exactly)
-    # for more parallelism or cheaper retries, but only when each range keeps at least
-    # _TASK_MIN_BLOCKS blocks, so that its accumulator and its partial are amortised.
-    # Many tiles: one single-threaded task per tile.
+    # only while all the partials together stay under _PARTIAL_BYTES: whatever the rows, the
+    # job's memory is bounded (flat in rows). Many tiles: one single-threaded task per tile.
+    tile_bytes = max(8 * sum(units[i].features for i in groups[a])
+                     * sum(units[i].features for i in groups[b]) for a, b in tiles)
     if len(tiles) < 2 * workers:
         threads = min(workers, _MAX_TASK_THREADS)
-        splits = max(1, min(math.ceil(2 * workers / len(tiles)),
-                            n // (_TASK_MIN_BLOCKS * block_rows)))
+        splits = max(1, min(math.ceil(2 * workers / len(tiles)), math.ceil(n / block_rows)))
+        if splits * len(tiles) * tile_bytes > _PARTIAL_BYTES:
+            splits = 1
     else:
         threads, splits = 1, 1
     edges = [rows[0] + (n * k) // splits for k in range(splits + 1)]
