@@ -131,7 +131,7 @@ def run_grams(store, tasks: dict[tuple[int, int], list[GramTask]]) -> dict[tuple
         tile: [remote.options(num_cpus=t.threads or 1).remote(store_ref, t) for t in ts]
         for tile, ts in tasks.items()
     }
-    return {tile: merge_gram_stats(*ray.get(rs)) for tile, rs in refs.items()}
+    return {tile: merge_gram_stats(*_get(rs)) for tile, rs in refs.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +198,19 @@ def _tree(refs: list, merge_remote, fan_in: int = 4):
     return refs[0]
 
 
+def _get(refs: list) -> list:
+    """ray.get, re-raising our own errors from a task as themselves: one line naming the
+    store, unit and rows, without Ray's remote traceback around it."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, RepscopeError):
+            raise exc.cause from None
+        raise
+
+
 def run_tiles(
     store,
     tasks: dict[tuple[int, int], list[TileTask]],
@@ -227,7 +240,7 @@ def run_tiles(
         for r in done:
             if progress:
                 progress(rows_of[r])
-    return dict(zip(finals, ray.get(list(finals.values())), strict=True))
+    return dict(zip(finals, _get(list(finals.values())), strict=True))
 
 
 class Progress:

@@ -17,7 +17,7 @@ from store.errors import RepscopeError
 
 # Modules that define subcommands: each has register(subparsers) -> None, and every parser
 # it adds sets `func=callable(args) -> int`.
-_COMMAND_MODULES = ("store.cli", "jobs.commands")
+_COMMAND_MODULES = ("store.cli", "jobs.commands", "jobs.ground")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except RepscopeError as exc:
         print(f"repscope {args.command}: error: {exc}", file=sys.stderr)
+        # Aborted async storage I/O (s3fs, gcsfs) leaves coroutines that complain when they
+        # are collected at exit: the error above says what happened, so keep stderr clean.
+        sys.unraisablehook = lambda unraisable: None
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"repscope {args.command}: interrupted", file=sys.stderr)

@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 
 from store import layout
-from store.errors import InputError, NotFoundError
+from store.errors import InputError, NotFoundError, StorageError
 from store.urls import open_zarr_store, option_values, redact, storage_errors
 
 
@@ -288,7 +288,14 @@ class ActivationStore:
                 f"model {model!r}, layer {layer!r}: rows {start}:{stop} out of range 0:{rows}"
             )
         with self._errors():
-            return np.asarray(arr[start:stop])
+            try:
+                return np.asarray(arr[start:stop])
+            except (ValueError, RuntimeError) as exc:
+                # Codec failures (a checksum mismatch, a truncated shard) mean a corrupt chunk.
+                raise StorageError(
+                    f"corrupt data in store {self.url}, model {model!r}, layer {layer!r}, "
+                    f"rows {start}:{stop}: {type(exc).__name__}: {exc}"
+                ) from None
 
     # -- row bookkeeping for writers ----------------------------------------------------
 
