@@ -38,6 +38,17 @@ def reference() -> Path:
     return reference_dir()
 
 
+@pytest.fixture(scope="module")
+def embedded_ray():
+    """The embedded local Ray instance `repscope run` starts in this process; shut down
+    after the module so that later modules start from a clean state."""
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 try:
     from tests.s3server import s3_server  # noqa: F401
 except ModuleNotFoundError:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 
 def deep_net_activations(rows: int, widths: list[int], seed: int, input_dim: int = 12):
@@ -31,13 +30,3 @@ def make_store(url: str, models: dict[str, list[int]], rows: int, storage_option
             ingest_array(store, model, f"layer{i + 1}", acts)
             data[(model, f"layer{i + 1}")] = acts
     return store, data
-
-
-@pytest.fixture(scope="module")
-def embedded_ray():
-    """The embedded local Ray instance `repscope run` starts; shut down after the module."""
-    import ray
-
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
