@@ -59,14 +59,39 @@ def weighted(m: CrossMoments, w: float) -> CrossMoments:
 
 
 def merge_weighted(parts: Sequence[CrossMoments], weights: Sequence[float]) -> CrossMoments:
-    """Exact merge of partials with weights (0 drops a partial); all-zero weights are refused."""
+    """Exact merge of partials with weights (0 drops a partial); all-zero weights are refused.
+
+    Second-order moments merge in one shot (the k-way form of the Chan-Golub-LeVeque update):
+    with N = sum_s w_s n_s, mean = sum_s w_s n_s mean_s / N and
+
+        C = sum_s w_s (C_s + n_s (mean_a,s - mean_a)(mean_b,s - mean_b)^T),
+
+    one weighted sum of the S partials' C (O(S d_a d_b), no Python loop over pairs). With
+    fourth-order terms the pairwise :func:`merge_all` re-centers them.
+    """
     if len(parts) != len(weights):
         raise InputError(f"{len(parts)} partials but {len(weights)} weights")
-    chosen = [weighted(m, w) if w != 1 else m for m, w in zip(parts, weights, strict=True)
-              if w != 0]
-    if not chosen:
+    pairs = [(m, w) for m, w in zip(parts, weights, strict=True) if w != 0 and m.n > 0]
+    if not pairs:
         raise InputError("every bootstrap weight is 0: no rows to merge")
-    return merge_all(chosen)
+    if pairs[0][0].fourth:
+        return merge_all([weighted(m, w) if w != 1 else m for m, w in pairs])
+    first = pairs[0][0]
+    w = np.array([wt for _, wt in pairs], float)
+    wn = w * np.array([m.n for m, _ in pairs], float)
+    total = wn.sum()
+    da = np.array([m.mean_a for m, _ in pairs])
+    mean_a = wn @ da / total
+    da -= mean_a
+    if first.diagonal:
+        mean_b, db = mean_a, da
+    else:
+        db = np.array([m.mean_b for m, _ in pairs])
+        mean_b = wn @ db / total
+        db -= mean_b
+    c = np.tensordot(w, np.array([m.c for m, _ in pairs]), axes=1) + (da.T * wn) @ db
+    n = int(total) if float(total).is_integer() else total
+    return replace(first, n=n, mean_a=mean_a, mean_b=mean_b, c=c)
 
 
 def shard_weights(
