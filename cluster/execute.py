@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -45,6 +45,7 @@ class TileTask:
     fourth: bool
     precision: str
     threads: int | None = None  # BLAS threads (and Ray CPUs) of the task; None: 1
+    checkpoint_key: str | None = None  # where the task saves its progress (see Checkpoints)
 
     @property
     def rows(self) -> int:
@@ -73,13 +74,55 @@ def blas_threads(threads: int | None):
     return threadpool_limits(limits=threads, user_api="blas")
 
 
-def accumulate_tile(store, task: TileTask) -> CrossMoments:
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where tasks save their progress and how often.
+
+    state: any object with put_partial(key, moments) and get_partial(key) (jobs.state
+    StateStore). A task saves the moments of the rows it has done at least every `seconds`
+    and when it finishes; a task that finds a saved partial continues after its rows (the
+    partial's n), so a rerun after a crash or a retried task recomputes only the rest.
+    """
+
+    state: object
+    seconds: float = 120.0
+
+
+def accumulate_tile(store, task: TileTask, checkpoints: Checkpoints | None = None) -> CrossMoments:
     """Stream a task's rows block by block and return the tile's merged moments."""
     with blas_threads(task.threads):
-        return _accumulate_tile(store, task)
+        if checkpoints is None or task.checkpoint_key is None:
+            return _accumulate_tile(store, task)
+        return _accumulate_checkpointed(store, task, checkpoints)
 
 
-def _accumulate_tile(store, task: TileTask) -> CrossMoments:
+def _accumulate_checkpointed(store, task: TileTask, checkpoints: Checkpoints) -> CrossMoments:
+    key = task.checkpoint_key
+    saved = checkpoints.state.get_partial(key)
+    if saved is not None and saved.n >= task.rows:
+        return saved
+    done = 0 if saved is None else saved.n
+    last = time.monotonic()
+
+    def with_saved(moments: CrossMoments) -> CrossMoments:
+        return moments if saved is None else merge(saved, moments)
+
+    def on_block(current: Callable[[], CrossMoments]) -> None:
+        nonlocal last
+        if time.monotonic() - last >= checkpoints.seconds:
+            checkpoints.state.put_partial(key, with_saved(current()))
+            last = time.monotonic()
+
+    total = with_saved(_accumulate_tile(store, replace(task, start=task.start + done), on_block))
+    checkpoints.state.put_partial(key, total)
+    return total
+
+
+def _accumulate_tile(
+    store, task: TileTask, on_block: Callable[[Callable[[], CrossMoments]], None] | None = None
+) -> CrossMoments:
+    """The task's rows in blocks; on_block(current) after each block may snapshot progress
+    (current() returns the moments of the blocks done so far)."""
     gemm_dtype = np.float32 if task.precision == "float32" else np.float64
 
     def read(block: tuple[int, int]):
@@ -102,16 +145,19 @@ def _accumulate_tile(store, task: TileTask) -> CrossMoments:
             if acc is not None:
                 # The blocks are fresh arrays read for this task: shift them in place.
                 acc.update(za, zb, overwrite=True)
-                continue
-            part = block_moments(
-                za,
-                zb,
-                widths_a=task.widths_a,
-                widths_b=task.widths_b,
-                fourth=task.fourth,
-                gemm_dtype=gemm_dtype,
-            )
-            total = part if total is None else merge(total, part)
+            else:
+                part = block_moments(
+                    za,
+                    zb,
+                    widths_a=task.widths_a,
+                    widths_b=task.widths_b,
+                    fourth=task.fourth,
+                    gemm_dtype=gemm_dtype,
+                )
+                total = part if total is None else merge(total, part)
+            if on_block is not None and k + 1 < len(blocks):
+                on_block((lambda: acc.result(keep=True)) if acc is not None
+                         else (lambda done=total: done))
     return acc.result() if acc is not None else total
 
 
@@ -167,6 +213,14 @@ def connect(address: str | None = None, workers: int | None = None) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def largest_node_cpus() -> int:
+    """CPUs of the largest live node of the connected cluster: the most one task can use."""
+    import ray
+
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(1, int(max(cpus, default=1)))
+
+
 def _connect_message(address: str | None, exc: Exception) -> str:
     where = f"the Ray cluster at {address}" if address else "an embedded local Ray instance"
     if "uthentication" in str(exc):
@@ -215,6 +269,7 @@ def run_tiles(
     store,
     tasks: dict[tuple[int, int], list[TileTask]],
     progress: Callable[[int], None] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> dict[tuple[int, int], CrossMoments]:
     """Run every task on the connected Ray cluster and merge each tile's partials.
 
@@ -229,8 +284,10 @@ def run_tiles(
     refs: dict[tuple[int, int], list] = {}
     rows_of = {}
     for tile, ts in tasks.items():
-        refs[tile] = [accumulate.options(num_cpus=t.threads or 1).remote(store_ref, t)
-                      for t in ts]
+        refs[tile] = [
+            accumulate.options(num_cpus=t.threads or 1).remote(store_ref, t, checkpoints)
+            for t in ts
+        ]
         rows_of.update({ref: t.rows / n_tiles for ref, t in zip(refs[tile], ts, strict=True)})
     finals = {tile: _tree(list(rs), merge_remote) for tile, rs in refs.items()}
 

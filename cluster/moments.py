@@ -443,8 +443,10 @@ class TileAccumulator:
         self._shift_a.append(ka)
         self._sum_a.append(sa)
 
-    def result(self) -> CrossMoments:
-        """The tile's moments over every row added so far (float64). Frees the buffers."""
+    def result(self, keep: bool = False) -> CrossMoments:
+        """The tile's moments over every row added so far (float64). Frees the buffers,
+        unless ``keep`` (a snapshot, e.g. for a checkpoint, while accumulation goes on; it
+        costs one copy of the accumulator)."""
         if not self._n:
             return empty_moments(self.widths_a, None if self.diagonal else self.widths_b)
         counts = np.asarray(self._n, dtype=np.float64)
@@ -452,8 +454,11 @@ class TileAccumulator:
         ka, sa = np.array(self._shift_a), np.array(self._sum_a)
         mean_a = (counts @ ka + sa.sum(axis=0)) / n
         ea = ka - mean_a
-        c = self.acc
-        self._buf = self.acc = None
+        if keep:
+            c = self.acc.copy(order="F")
+        else:
+            c = self.acc
+            self._buf = self.acc = None
         if self.diagonal:
             mean_b, eb, sb = mean_a, ea, sa
         else:

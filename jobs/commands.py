@@ -20,12 +20,28 @@ def _address(parser, required: bool = False) -> None:
     )
 
 
+def _run_keeping_stdout(job):
+    """Run a job with stdout kept for the summary: Ray prints cluster events (a lost node, a
+    retried task) to stdout, so during the job they go to stderr, and the driver disconnects
+    from Ray before the summary is written, so nothing can follow it."""
+    real_stdout, sys.stdout = sys.stdout, sys.stderr
+    try:
+        return job()
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        sys.stdout = real_stdout
+
+
 def cmd_run(args) -> int:
     from jobs.run import run_job
     from jobs.spec import load_spec
 
     spec = load_spec(args.spec)
-    summary = run_job(spec, address=args.address, overwrite=args.overwrite)
+    summary = _run_keeping_stdout(
+        lambda: run_job(spec, address=args.address, overwrite=args.overwrite))
     if args.json:
         print(json.dumps(summary.to_dict()))
     else:
@@ -40,7 +56,9 @@ def cmd_nightly(args) -> int:
     from jobs.nightly import nightly_job
     from jobs.spec import load_spec
 
-    summary = nightly_job(load_spec(args.spec), address=args.address, overwrite=args.overwrite)
+    spec = load_spec(args.spec)
+    summary = _run_keeping_stdout(
+        lambda: nightly_job(spec, address=args.address, overwrite=args.overwrite))
     if args.json:
         print(json.dumps(summary.to_dict()))
     else:

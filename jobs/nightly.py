@@ -22,7 +22,7 @@ from typing import TextIO
 
 import numpy as np
 
-from cluster.execute import Progress, connect, run_tiles
+from cluster.execute import Progress, connect, largest_node_cpus, run_tiles
 from cluster.metrics import METRICS, similarity_matrices
 from cluster.moments import UnitMoments, pair_moments, unit_moments
 from jobs.lock import output_lock
@@ -118,8 +118,8 @@ def nightly_job(
               file=log)
         if new:
             cpus = connect(address, spec.compute.workers)
-            plan = _subplan(make_plan(spec, store, workers=spec.compute.workers or cpus),
-                            new, old)
+            plan = _subplan(make_plan(spec, store, workers=spec.compute.workers or cpus,
+                                      node_cpus=largest_node_cpus()), new, old)
             tasks = tile_tasks(plan)
             tiles_run, tasks_run = len(tasks), sum(len(t) for t in tasks.values())
             flops = plan.gemm_flops()

@@ -197,8 +197,11 @@ def choose_space(spec: JobSpec, n: int, widths: list[int], memory: int) -> str:
     return "sample" if fits and sample_space_flops(n, widths) < feature / 2 else "feature"
 
 
-def make_plan(spec: JobSpec, store, *, workers: int) -> Plan:
-    """Check the spec against the store and split the work. Reads metadata only."""
+def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = None) -> Plan:
+    """Check the spec against the store and split the work. Reads metadata only.
+
+    workers: CPUs of the whole cluster the job may use; node_cpus: CPUs of its largest node
+    (a task's BLAS threads run on one node; default: workers, as on one machine)."""
     from cluster.metrics import METRICS
 
     units = select_units(spec, store)
@@ -220,7 +223,8 @@ def make_plan(spec: JobSpec, store, *, workers: int) -> Plan:
         return Plan(units=units, groups=groups, tiles=tiles, row_ranges=(rows,),
                     block_rows=n, rows=rows, workers=workers, memory_per_worker=memory,
                     fourth=fourth, precision=spec.compute.precision, space="sample",
-                    slab_rows=slab_rows)
+                    slab_rows=slab_rows,
+                    threads=min(workers, node_cpus or workers, _MAX_TASK_THREADS))
     max_width = max(1, int(math.sqrt(memory / (8 * _TILE_COPIES))))
     groups = make_groups(widths, max_width)
     tiles = tuple((a, b) for a in range(len(groups)) for b in range(a, len(groups)))
@@ -241,7 +245,7 @@ def make_plan(spec: JobSpec, store, *, workers: int) -> Plan:
     tile_bytes = max(8 * sum(units[i].features for i in groups[a])
                      * sum(units[i].features for i in groups[b]) for a, b in tiles)
     if len(tiles) < 2 * workers:
-        threads = min(workers, _MAX_TASK_THREADS)
+        threads = min(workers, node_cpus or workers, _MAX_TASK_THREADS)
         splits = max(1, min(math.ceil(2 * workers / len(tiles)), math.ceil(n / block_rows)))
         if splits * len(tiles) * tile_bytes > _PARTIAL_BYTES:
             splits = 1

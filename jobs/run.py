@@ -17,7 +17,16 @@ from typing import TextIO
 
 import numpy as np
 
-from cluster.execute import Progress, TileTask, blas_threads, connect, run_grams, run_tiles
+from cluster.execute import (
+    Checkpoints,
+    Progress,
+    TileTask,
+    blas_threads,
+    connect,
+    largest_node_cpus,
+    run_grams,
+    run_tiles,
+)
 from cluster.gram import GramTask, gram_similarity_matrices, gram_slabs
 from cluster.metrics import (
     METRICS,
@@ -31,6 +40,7 @@ from jobs.lock import output_lock
 from jobs.plan import Plan, make_plan
 from jobs.results import build_dataset, check_output, write_results
 from jobs.spec import JobSpec
+from jobs.state import StateStore, digest, state_url
 from store import ActivationStore, redact
 
 
@@ -50,6 +60,7 @@ class RunSummary:
     tasks: int
     gemm_flops: float
     accumulate_seconds: float
+    rows_reused: int = 0  # rows of checkpointed partials loaded instead of recomputed
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -57,10 +68,19 @@ class RunSummary:
         return d
 
 
-def tile_tasks(plan: Plan) -> dict[tuple[int, int], list[TileTask]]:
-    """Every tile's tasks, one per row range."""
+def tile_tasks(plan: Plan, store=None) -> dict[tuple[int, int], list[TileTask]]:
+    """Every tile's tasks, one per row range. With a store, each task gets a checkpoint key
+    over everything its partial depends on: the store's rows, its units' content
+    fingerprints, its row range and how it accumulates."""
     def units(g: int):
         return tuple((plan.units[i].model, plan.units[i].layer) for i in plan.groups[g])
+
+    def key(a: int, b: int, start: int, stop: int) -> str | None:
+        if store is None:
+            return None
+        content = [store.unit_info(m, layer).fingerprint for m, layer in units(a) + units(b)]
+        return digest(store.row_fingerprint, units(a), units(b), content, start, stop,
+                      plan.block_rows, plan.precision, plan.fourth)
 
     tasks = {}
     for a, b in plan.tiles:
@@ -76,6 +96,7 @@ def tile_tasks(plan: Plan) -> dict[tuple[int, int], list[TileTask]]:
                 fourth=plan.fourth,
                 precision=plan.precision,
                 threads=plan.threads if plan.threads > 1 else None,
+                checkpoint_key=key(a, b, start, stop),
             )
             for start, stop in plan.row_ranges
         ]
@@ -95,7 +116,7 @@ def gram_tasks(plan: Plan) -> dict[tuple[int, int], list[GramTask]]:
         (a, b): [
             GramTask(units(a), None if a == b else units(b), plan.rows[0], plan.rows[1],
                      tuple(slabs[k::splits]), plan.precision,
-                     threads=plan.workers if single else None)
+                     threads=plan.threads if single else None)
             for k in range(splits)
         ]
         for a, b in plan.tiles
@@ -184,9 +205,20 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
     check_output(spec.output, identity, spec.storage_options, overwrite)
 
     cpus = connect(address, spec.compute.workers)
-    plan = make_plan(spec, store, workers=spec.compute.workers or cpus)
-    tasks = tile_tasks(plan) if plan.space == "feature" else gram_tasks(plan)
+    plan = make_plan(spec, store, workers=spec.compute.workers or cpus,
+                     node_cpus=largest_node_cpus())
+    state = StateStore(spec.output, spec.storage_options)
+    checkpointing = plan.space == "feature" and spec.compute.checkpoint_seconds > 0
+    if plan.space == "feature":
+        tasks = tile_tasks(plan, store if checkpointing else None)
+        keys = [t.checkpoint_key for ts in tasks.values() for t in ts if t.checkpoint_key]
+    else:
+        tasks, keys = gram_tasks(plan), []
     n_tasks = sum(len(t) for t in tasks.values())
+    rows_reused = sum(state.partial_rows(k) for k in keys)
+    if rows_reused:
+        print(f"resume: {rows_reused:,} task rows of an interrupted run are reused "
+              f"({state_url(spec.output)})", file=log)
     print(
         f"plan: {len(plan.units)} units, {plan.n_pairs} pairs, {plan.n_rows:,} rows, "
         f"{plan.space} space, {len(plan.tiles)} tile(s), {n_tasks} task(s) on {plan.workers} "
@@ -196,7 +228,8 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
     progress = Progress(plan.n_rows, "accumulate", stream=log)
     t_acc = time.perf_counter()
     if plan.space == "feature":
-        tiles = run_tiles(store, tasks, progress)
+        checkpoints = Checkpoints(state, spec.compute.checkpoint_seconds) if keys else None
+        tiles = run_tiles(store, tasks, progress, checkpoints)
     else:
         tiles = run_grams(store, tasks)
         progress(plan.n_rows)
@@ -223,6 +256,7 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
         },
     )
     write_results(ds, spec.output, spec.storage_options)
+    state.remove_partials(keys)  # the result is safe: checkpoints have done their work
     print(f"results: {redact(spec.output)}", file=log)
     return RunSummary(
         output=redact(spec.output),
@@ -237,4 +271,5 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
         tasks=n_tasks,
         gemm_flops=plan.gemm_flops(),
         accumulate_seconds=round(accumulate_seconds, 3),
+        rows_reused=rows_reused,
     )

@@ -36,6 +36,7 @@ COMPUTE_KEYS = (
     "block_rows",
     "svcca_threshold",
     "space",
+    "checkpoint_seconds",
 )
 PRECISIONS = ("float32", "float64")
 SPACES = ("auto", "feature", "sample")
@@ -57,6 +58,8 @@ class Compute:
     the machine); wider jobs are split into column-group tiles to respect it.
     block_rows: rows multiplied per GEMM inside a task (None = derive from widths).
     svcca_threshold: fraction of variance SVCCA keeps per side.
+    checkpoint_seconds: how often a task saves its progress beside the output, so that a
+    rerun after a crash resumes (0 turns checkpoints off).
     space: "feature" (d x d moments per unit pair, cost n d^2), "sample" (n x n Gram per
     unit, cost n^2 d) or "auto" (the planner picks the cheaper one that fits memory).
     """
@@ -66,6 +69,7 @@ class Compute:
     memory_per_worker: int | None = None
     block_rows: int | None = None
     svcca_threshold: float = 0.99
+    checkpoint_seconds: float = 120.0
     space: str = "auto"
 
 
@@ -104,6 +108,7 @@ class JobSpec:
                 "block_rows": c.block_rows,
                 "svcca_threshold": c.svcca_threshold,
                 "space": c.space,
+                "checkpoint_seconds": c.checkpoint_seconds,
             },
         }
 
@@ -284,11 +289,17 @@ def _compute(value: Any, source: str) -> Compute:
         raise SpecError(
             f"{source}: compute.space must be one of {', '.join(SPACES)}, got {space!r}"
         )
+    every = value.get("checkpoint_seconds", 120.0)
+    if isinstance(every, bool) or not isinstance(every, int | float) or every < 0:
+        raise SpecError(
+            f"{source}: compute.checkpoint_seconds must be a number >= 0, got {every!r}"
+        )
     return Compute(
         workers=workers,
         precision=precision,
         memory_per_worker=memory,
         block_rows=block_rows,
         svcca_threshold=float(threshold),
+        checkpoint_seconds=float(every),
         space=space,
     )

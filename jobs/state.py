@@ -106,6 +106,33 @@ class StateStore:
     def has(self, kind: str, key: str) -> bool:
         return self.fs.exists(self._path(kind, key))
 
+    # Partials: the moments a task has accumulated so far (its n says how many rows), with a
+    # small sidecar so that the driver can count reusable rows without loading matrices.
+
+    def put_partial(self, key: str, moments: Any) -> None:
+        self.put("partials", key, moments)
+        with self.fs.open(self._path("partials", key)[: -len(".npz")] + ".json", "w") as f:
+            f.write(json.dumps({"rows": int(moments.n)}))
+
+    def get_partial(self, key: str) -> Any:
+        from cluster.moments import CrossMoments
+
+        return self.get("partials", key, CrossMoments)
+
+    def partial_rows(self, key: str) -> int:
+        try:
+            with self.fs.open(self._path("partials", key)[: -len(".npz")] + ".json") as f:
+                return int(json.loads(f.read())["rows"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return 0
+
+    def remove_partials(self, keys) -> None:
+        for key in keys:
+            for suffix in (".npz", ".json"):
+                path = self._path("partials", key)[: -len(".npz")] + suffix
+                if self.fs.exists(path):
+                    self.fs.rm(path)
+
     def history_url(self, stamp: str) -> str:
         return f"{state_url(self.output)}/history/{stamp}.zarr"
 
