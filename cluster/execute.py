@@ -270,11 +270,14 @@ def run_tiles(
     tasks: dict[tuple[int, int], list[TileTask]],
     progress: Callable[[int], None] | None = None,
     checkpoints: Checkpoints | None = None,
-) -> dict[tuple[int, int], CrossMoments]:
+    keep_parts: bool = False,
+) -> dict[tuple[int, int], CrossMoments] | dict[tuple[int, int], list[CrossMoments]]:
     """Run every task on the connected Ray cluster and merge each tile's partials.
 
     tasks: tile -> its row-range tasks. progress(rows) is called as tasks finish, with the
     rows they covered divided evenly over the tiles (so a full pass reports the job's rows).
+    keep_parts: return each tile's list of row-range partials unmerged (for the bootstrap,
+    which resamples them) instead of their merge.
     """
     import ray
 
@@ -289,7 +292,8 @@ def run_tiles(
             for t in ts
         ]
         rows_of.update({ref: t.rows / n_tiles for ref, t in zip(refs[tile], ts, strict=True)})
-    finals = {tile: _tree(list(rs), merge_remote) for tile, rs in refs.items()}
+    if not keep_parts:
+        finals = {tile: _tree(list(rs), merge_remote) for tile, rs in refs.items()}
 
     pending = [r for rs in refs.values() for r in rs]
     while pending:
@@ -297,6 +301,8 @@ def run_tiles(
         for r in done:
             if progress:
                 progress(rows_of[r])
+    if keep_parts:
+        return {tile: _get(rs) for tile, rs in refs.items()}
     return dict(zip(finals, _get(list(finals.values())), strict=True))
 
 

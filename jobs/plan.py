@@ -179,6 +179,11 @@ def choose_space(spec: JobSpec, n: int, widths: list[int], memory: int) -> str:
     from cluster.gram import STREAMED_SAMPLE_METRICS, sample_space_flops
 
     space = spec.compute.space
+    if spec.compute.bootstrap:
+        if space == "sample":
+            raise InputError("compute.bootstrap resamples feature-space partials: use "
+                             "space: feature or auto with a bootstrap")
+        return "feature"
     supported = all(m in STREAMED_SAMPLE_METRICS for m in spec.metrics)
     if space == "sample" and not supported:
         bad = [m for m in spec.metrics if m not in STREAMED_SAMPLE_METRICS]
@@ -251,6 +256,20 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
             splits = 1
     else:
         threads, splits = 1, 1
+    if spec.compute.bootstrap:
+        # The bootstrap resamples row shards: one task per shard and tile, all partials
+        # kept on the driver.
+        splits = spec.compute.bootstrap_shards
+        held = splits * len(tiles) * tile_bytes
+        if held > default_memory_per_worker(1):
+            raise InputError(
+                f"compute.bootstrap keeps {splits} shards x {len(tiles)} tile partials "
+                f"({held / 2**30:.1f} GiB) on the driver, more than half this machine's "
+                "memory: use fewer bootstrap_shards or fewer or narrower units"
+            )
+        if n < 2 * splits:
+            raise InputError(f"compute.bootstrap_shards ({splits}) needs at least 2 rows "
+                             f"per shard; the job has {n} rows")
     edges = [rows[0] + (n * k) // splits for k in range(splits + 1)]
     row_ranges = tuple((edges[k], edges[k + 1]) for k in range(splits))
     return Plan(

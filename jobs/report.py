@@ -19,10 +19,10 @@ from store.errors import InputError
 
 
 def metric_names(ds) -> list[str]:
-    """Metrics in the spec's order (recorded in the `directions` attribute)."""
+    """Metrics in the spec's order (the `directions` attribute); other variables (confidence
+    bounds) are not metrics."""
     order = list(json.loads(ds.attrs.get("directions", "{}")))
-    present = [str(name) for name in ds.data_vars]
-    return [m for m in order if m in present] + [m for m in present if m not in order]
+    return [m for m in order if m in ds.data_vars]
 
 
 def _pick(ds, metric: str | None) -> list[str]:

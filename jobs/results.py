@@ -57,11 +57,14 @@ def build_dataset(
     directions: dict[str, str],
     attrs: dict[str, Any],
     keys: Sequence[str] | None = None,
+    bounds: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    level: float = 0.9,
 ):
     """An xarray Dataset of (U, U) matrices with labelled unit axes.
 
     keys: optional content keys of the units (nightly runs), stored as coordinates
-    ``key_x`` and ``key_y``."""
+    ``key_x`` and ``key_y``. bounds: optional {metric: (lower, upper)} confidence bounds,
+    stored as variables ``<metric>_lower`` and ``<metric>_upper``."""
     import xarray as xr
 
     # Object arrays of str become Zarr v3's variable-length UTF-8 strings.
@@ -71,6 +74,12 @@ def build_dataset(
         name: (("x", "y"), np.asarray(matrix, dtype=np.float64), {"direction": directions[name]})
         for name, matrix in matrices.items()
     }
+    for name, (lower, upper) in (bounds or {}).items():
+        for side, values in (("lower", lower), ("upper", upper)):
+            data_vars[f"{name}_{side}"] = (
+                ("x", "y"), np.asarray(values, dtype=np.float64),
+                {"bound_of": name, "confidence_level": level, "method": "row-shard bootstrap"},
+            )
     coords = {
         "model_x": ("x", models),
         "layer_x": ("x", layers),

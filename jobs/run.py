@@ -17,6 +17,7 @@ from typing import TextIO
 
 import numpy as np
 
+from cluster.bootstrap import bootstrap
 from cluster.execute import (
     Checkpoints,
     Progress,
@@ -35,7 +36,7 @@ from cluster.metrics import (
     prepare_unit,
     similarity_matrices,
 )
-from cluster.moments import pair_moments, unit_moments
+from cluster.moments import merge_all, pair_moments, unit_moments
 from jobs.lock import output_lock
 from jobs.plan import Plan, make_plan
 from jobs.results import build_dataset, check_output, write_results
@@ -179,6 +180,26 @@ def finalize(plan: Plan, tiles, metrics, *, svcca_threshold: float, threads: int
     return out
 
 
+BOOTSTRAP_LEVEL = 0.9
+
+
+def bootstrap_bounds(plan: Plan, parts: dict, spec: JobSpec) -> dict:
+    """Percentile bounds of every matrix entry from a bootstrap over the row shards
+    (cluster.bootstrap; seed 0, so a rerun gives the same bounds):
+    {metric: (lower, upper, level, replicates)}."""
+    metrics = list(spec.metrics)
+    shards = [[parts[tile][s] for tile in plan.tiles] for s in range(len(plan.row_ranges))]
+
+    def statistic(tiles: list) -> np.ndarray:
+        mats = finalize(plan, dict(zip(plan.tiles, tiles, strict=True)), metrics,
+                        svcca_threshold=spec.compute.svcca_threshold)
+        return np.stack([mats[m] for m in metrics])
+
+    result = bootstrap(shards, statistic, spec.compute.bootstrap, level=BOOTSTRAP_LEVEL,
+                       rng=np.random.default_rng(0))
+    return {m: (result.lower[k], result.upper[k]) for k, m in enumerate(metrics)}
+
+
 def spec_identity(spec: JobSpec) -> str:
     return json.dumps(spec.identity(), sort_keys=True)
 
@@ -227,9 +248,14 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
     )
     progress = Progress(plan.n_rows, "accumulate", stream=log)
     t_acc = time.perf_counter()
+    parts = None
     if plan.space == "feature":
         checkpoints = Checkpoints(state, spec.compute.checkpoint_seconds) if keys else None
-        tiles = run_tiles(store, tasks, progress, checkpoints)
+        if spec.compute.bootstrap:
+            parts = run_tiles(store, tasks, progress, checkpoints, keep_parts=True)
+            tiles = {tile: merge_all(ps) for tile, ps in parts.items()}
+        else:
+            tiles = run_tiles(store, tasks, progress, checkpoints)
     else:
         tiles = run_grams(store, tasks)
         progress(plan.n_rows)
@@ -243,6 +269,13 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
     else:
         matrices = finalize_sample(plan, tiles, spec.metrics)
     print(f"finalize: {plan.n_pairs} pairs in {time.perf_counter() - t_fin:.1f} s", file=log)
+    bounds = None
+    if parts is not None:
+        t_boot = time.perf_counter()
+        bounds = bootstrap_bounds(plan, parts, spec)
+        print(f"bootstrap: {spec.compute.bootstrap} replicates over "
+              f"{len(plan.row_ranges)} row shards in {time.perf_counter() - t_boot:.1f} s",
+              file=log)
 
     ds = build_dataset(
         matrices,
@@ -254,6 +287,7 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
             "store_fingerprint": store.row_fingerprint or "",
             "rows": list(plan.rows),
         },
+        bounds=bounds,
     )
     write_results(ds, spec.output, spec.storage_options)
     state.remove_partials(keys)  # the result is safe: checkpoints have done their work

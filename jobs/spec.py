@@ -37,6 +37,8 @@ COMPUTE_KEYS = (
     "svcca_threshold",
     "space",
     "checkpoint_seconds",
+    "bootstrap",
+    "bootstrap_shards",
 )
 PRECISIONS = ("float32", "float64")
 SPACES = ("auto", "feature", "sample")
@@ -60,6 +62,8 @@ class Compute:
     svcca_threshold: fraction of variance SVCCA keeps per side.
     checkpoint_seconds: how often a task saves its progress beside the output, so that a
     rerun after a crash resumes (0 turns checkpoints off).
+    bootstrap: replicates of a row-shard bootstrap that adds 90% confidence bounds to every
+    matrix entry (0: none); bootstrap_shards: the row shards it resamples.
     space: "feature" (d x d moments per unit pair, cost n d^2), "sample" (n x n Gram per
     unit, cost n^2 d) or "auto" (the planner picks the cheaper one that fits memory).
     """
@@ -70,6 +74,8 @@ class Compute:
     block_rows: int | None = None
     svcca_threshold: float = 0.99
     checkpoint_seconds: float = 120.0
+    bootstrap: int = 0
+    bootstrap_shards: int = 20
     space: str = "auto"
 
 
@@ -109,6 +115,8 @@ class JobSpec:
                 "svcca_threshold": c.svcca_threshold,
                 "space": c.space,
                 "checkpoint_seconds": c.checkpoint_seconds,
+                "bootstrap": c.bootstrap,
+                "bootstrap_shards": c.bootstrap_shards,
             },
         }
 
@@ -294,7 +302,13 @@ def _compute(value: Any, source: str) -> Compute:
         raise SpecError(
             f"{source}: compute.checkpoint_seconds must be a number >= 0, got {every!r}"
         )
+    bootstrap = _int(value.get("bootstrap", 0), "compute.bootstrap", source)
+    if bootstrap == 1:
+        raise SpecError(f"{source}: compute.bootstrap needs at least 2 replicates (or 0)")
+    shards = _int(value.get("bootstrap_shards", 20), "compute.bootstrap_shards", source, 2)
     return Compute(
+        bootstrap=bootstrap,
+        bootstrap_shards=shards,
         workers=workers,
         precision=precision,
         memory_per_worker=memory,
