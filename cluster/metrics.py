@@ -394,6 +394,7 @@ def similarity_matrices(
     svcca_threshold: float = 0.99,
     eig_floor: float = EIG_FLOOR,
     pairs: Iterable[tuple[int, int]] | None = None,
+    threads: int = 1,
 ) -> dict[str, np.ndarray]:
     """The pairwise driver: full (U, U) matrices per metric.
 
@@ -406,6 +407,7 @@ def similarity_matrices(
     names : unit names for messages (default "unit i").
     pairs : the (i, j) to compute (either order; default all i <= j); the others are NaN, for
         incremental runs.
+    threads : prepare units and compare pairs on this many threads (one BLAS thread each).
 
     Returns
     -------
@@ -430,18 +432,29 @@ def similarity_matrices(
                 raise InputError(f"pair ({i}, {j}) out of range for {count} units")
             todo.append((min(i, j), max(i, j)))
         todo = sorted(set(todo))
-    caches: dict[int, UnitCache] = {}
+    def prepare(i: int) -> UnitCache:
+        return prepare_unit(units[i], metrics, svcca_threshold=svcca_threshold,
+                            eig_floor=eig_floor, name=names[i])
 
-    def cache(i: int) -> UnitCache:
-        if i not in caches:
-            caches[i] = prepare_unit(units[i], metrics, svcca_threshold=svcca_threshold,
-                                     eig_floor=eig_floor, name=names[i])
-        return caches[i]
+    needed = sorted({k for pair in todo for k in pair})
+    if threads > 1:
+        # Many small LAPACK calls: one BLAS thread each, `threads` of them at once (LAPACK
+        # releases the GIL), beats one call at a time with threaded BLAS.
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+            caches = dict(zip(needed, pool.map(prepare, needed), strict=True))
+            values = list(pool.map(
+                lambda p: compare_pair(caches[p[0]], caches[p[1]], cross(*p), metrics), todo))
+    else:
+        caches = {i: prepare(i) for i in needed}
+        values = [compare_pair(caches[i], caches[j], cross(i, j), metrics) for i, j in todo]
 
     out = {k: np.full((count, count), np.nan) for k in metrics}
-    for i, j in todo:
-        values = compare_pair(cache(i), cache(j), cross(i, j), metrics)
-        for k, (xy, yx) in values.items():
+    for (i, j), pair in zip(todo, values, strict=True):
+        for k, (xy, yx) in pair.items():
             out[k][i, j] = xy
             out[k][j, i] = yx
     return out

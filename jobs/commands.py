@@ -35,38 +35,34 @@ def _run_keeping_stdout(job):
         sys.stdout = real_stdout
 
 
-def cmd_run(args) -> int:
-    from jobs.run import run_job
+def _job_command(job, args) -> int:
+    """run and nightly: load the spec, run the job, print the summary (JSON with --json)."""
     from jobs.spec import load_spec
 
     spec = load_spec(args.spec)
     summary = _run_keeping_stdout(
-        lambda: run_job(spec, address=args.address, overwrite=args.overwrite))
+        lambda: job(spec, address=args.address, overwrite=args.overwrite))
     if args.json:
         print(json.dumps(summary.to_dict()))
     else:
         print(
             f"done: {summary.units} units, {summary.pairs_computed} of {summary.pairs_total} "
-            f"pairs computed, {summary.rows:,} rows, {summary.seconds:.1f} s -> {summary.output}"
+            f"pairs computed ({summary.pairs_reused} reused), {summary.rows:,} rows, "
+            f"{summary.seconds:.1f} s -> {summary.output}"
         )
     return 0
+
+
+def cmd_run(args) -> int:
+    from jobs.run import run_job
+
+    return _job_command(run_job, args)
 
 
 def cmd_nightly(args) -> int:
     from jobs.nightly import nightly_job
-    from jobs.spec import load_spec
 
-    spec = load_spec(args.spec)
-    summary = _run_keeping_stdout(
-        lambda: nightly_job(spec, address=args.address, overwrite=args.overwrite))
-    if args.json:
-        print(json.dumps(summary.to_dict()))
-    else:
-        print(
-            f"done: {summary.units} units, {summary.pairs_computed} pairs computed, "
-            f"{summary.pairs_reused} reused, {summary.seconds:.1f} s -> {summary.output}"
-        )
-    return 0
+    return _job_command(nightly_job, args)
 
 
 def cmd_show(args) -> int:

@@ -147,7 +147,7 @@ def nightly_job(
             needed = [(s, t) for s in range(len(new)) for t in range(s, len(order))]
             sub = similarity_matrices(
                 moments, cross, spec.metrics, names=[u.label for u in plan.units],
-                svcca_threshold=spec.compute.svcca_threshold, pairs=needed,
+                svcca_threshold=spec.compute.svcca_threshold, pairs=needed, threads=plan.workers,
             )
             for m in spec.metrics:
                 for s, t in needed:

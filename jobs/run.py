@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -22,7 +21,6 @@ from cluster.execute import (
     Checkpoints,
     Progress,
     TileTask,
-    blas_threads,
     connect,
     largest_node_cpus,
     run_grams,
@@ -31,9 +29,6 @@ from cluster.execute import (
 from cluster.gram import GramTask, gram_similarity_matrices, gram_slabs
 from cluster.metrics import (
     METRICS,
-    check_metrics,
-    compare_pair,
-    prepare_unit,
     similarity_matrices,
 )
 from cluster.moments import merge_all, pair_moments, unit_moments
@@ -142,10 +137,8 @@ def finalize_sample(plan: Plan, tiles: dict, metrics) -> dict:
 def finalize(plan: Plan, tiles, metrics, *, svcca_threshold: float, threads: int | None = None):
     """Similarity matrices from the merged tiles: per-unit work once, then every pair.
 
-    The per-unit eigendecompositions and per-pair SVDs are small LAPACK calls that one BLAS
-    thread runs best: ``threads`` Python threads (default: the plan's workers) each run one
-    unit or pair at a time with one BLAS thread (LAPACK drops the GIL). Same results as
-    :func:`cluster.metrics.similarity_matrices`, the sequential driver.
+    The per-unit eigendecompositions and per-pair SVDs run on ``threads`` threads (default:
+    the plan's workers), one BLAS thread each (cluster.metrics.similarity_matrices).
     """
     where = [plan.group_of(i) for i in range(len(plan.units))]
     units = [unit_moments(tiles[(g, g)], pos) for g, pos in where]
@@ -157,27 +150,9 @@ def finalize(plan: Plan, tiles, metrics, *, svcca_threshold: float, threads: int
         (gi, pi), (gj, pj) = where[i], where[j]
         return pair_moments(tiles[(gi, gj)], pi, pj)
 
-    threads = plan.workers if threads is None else threads
-    if threads <= 1:
-        return similarity_matrices(units, cross, metrics, names=names,
-                                   svcca_threshold=svcca_threshold)
-    metrics = check_metrics(metrics)
-    count = len(units)
-
-    def prepare(i: int):
-        return prepare_unit(units[i], metrics, svcca_threshold=svcca_threshold, name=names[i])
-
-    todo = [(i, j) for i in range(count) for j in range(i, count)]
-    with blas_threads(1), ThreadPoolExecutor(max_workers=threads) as pool:
-        caches = list(pool.map(prepare, range(count)))
-        values = list(pool.map(lambda p: compare_pair(caches[p[0]], caches[p[1]],
-                                                      cross(*p), metrics), todo))
-    out = {k: np.full((count, count), np.nan) for k in metrics}
-    for (i, j), pair in zip(todo, values, strict=True):
-        for k, (xy, yx) in pair.items():
-            out[k][i, j] = xy
-            out[k][j, i] = yx
-    return out
+    return similarity_matrices(units, cross, metrics, names=names,
+                               svcca_threshold=svcca_threshold,
+                               threads=plan.workers if threads is None else threads)
 
 
 BOOTSTRAP_LEVEL = 0.9
