@@ -16,9 +16,11 @@ one rename(2) points at the new version. Versions are never modified; the previo
 kept while a new one is written, so a reader that resolved the link (``open_results`` does)
 reads one whole version. ``xarray.open_zarr(output)`` works as on any Zarr folder; a lazy
 reader that must not straddle a concurrent rewrite opens ``os.path.realpath(output)``.
-Object stores have no rename: there the arrays are written first and the group's
-consolidated metadata last, so a concurrent reader may see a mixture while a rewrite is in
-flight (docs/jobs.md); the output lock (jobs/lock.py) still keeps writers apart.
+Object stores have no rename: there a journal (`<output>.staging` written complete, then a
+`<output>.commit` marker, then the copy into place) makes a crash roll forward at the next
+write, and ``open_results`` reads the staged copy while a commit is in flight; only a raw
+reader of the output during the copy may see a mixture (docs/jobs.md). The output lock
+(jobs/lock.py) keeps writers apart everywhere.
 """
 
 from __future__ import annotations
@@ -109,7 +111,10 @@ def open_results(url: str, storage_options: dict | None = None):
 
     path = local_path(url)
     for _ in range(3):
-        where = os.path.realpath(path) if path is not None else url
+        if path is not None:
+            where = os.path.realpath(path)
+        else:  # an object store mid-commit: its staged copy is the complete new result
+            where = _staging(url) if _committing(url, storage_options) else url
         try:
             with xr.open_zarr(where, storage_options=storage_options or None,
                               zarr_format=3) as ds:
@@ -154,11 +159,62 @@ def to_zarr(ds, url: str, storage_options: dict | None) -> None:
                    storage_options=storage_options or None)
 
 
+def _staging(url: str) -> str:
+    return url.rstrip("/") + ".staging"
+
+
+def _fs_path(url: str, storage_options: dict | None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def _marker(url: str, storage_options: dict | None):
+    """(file system, path) of an object-store output's commit marker."""
+    return _fs_path(url.rstrip("/") + ".commit", storage_options)
+
+
+def _committing(url: str, storage_options: dict | None) -> bool:
+    fs, marker = _marker(url, storage_options)
+    return fs.exists(marker)
+
+
+def _roll_forward(url: str, storage_options: dict | None) -> None:
+    """Finish an interrupted commit on an object store: the staged result is complete (the
+    marker is written only after it), so copy it over the output, then drop the marker and
+    the staging copy."""
+    import xarray as xr
+
+    fs, marker = _marker(url, storage_options)
+    if not fs.exists(marker):
+        return
+    with xr.open_zarr(_staging(url), storage_options=storage_options or None,
+                      zarr_format=3) as staged:
+        to_zarr(staged.load(), url, storage_options)
+    fs.rm(marker)
+    staging_fs, staging = _fs_path(_staging(url), storage_options)
+    staging_fs.rm(staging, recursive=True)
+
+
+def _write_object_store(ds, url: str, storage_options: dict | None) -> None:
+    """Object stores have no rename. A journal instead: (1) the complete result is written
+    to `<output>.staging`, (2) `<output>.commit` marks it complete, (3) it is copied over the
+    output and the marker removed. A crash after (2) is rolled forward by the next write, and
+    open_results reads the staged copy while a marker exists, so neither a crash nor our
+    readers see a mixture; a raw reader of the output during step (3) may."""
+    _roll_forward(url, storage_options)
+    to_zarr(ds, _staging(url), storage_options)
+    fs, marker = _marker(url, storage_options)
+    with fs.open(marker, "w") as f:
+        f.write("committing")
+    _roll_forward(url, storage_options)
+
+
 def write_results(ds, url: str, storage_options: dict | None = None) -> None:
     """Write a results Dataset so that readers never see a partial result (module docs)."""
     path = local_path(url)
     if path is None:
-        to_zarr(ds, url, storage_options)
+        _write_object_store(ds, url, storage_options)
         return
     path = path.absolute()
     versions = path.with_name(f".{path.name}.versions")

@@ -108,3 +108,32 @@ def test_lock_on_s3(s3_server):
                 pass
     with output_lock(out, options):  # released
         pass
+
+
+def test_object_store_commit_is_journaled_and_rolls_forward(s3_server):
+    options = s3_server.storage_options
+    out = s3_server.url("journal.zarr")
+    write_results(dataset(1.0), out, options)
+    assert float(open_results(out, options).attrs["run"]) == 1.0
+
+    # a writer that crashed after its commit point, half-way through copying into place:
+    # the output holds a mixture, the staged copy the complete new result
+    from jobs.results import _marker, _staging, to_zarr
+
+    to_zarr(dataset(2.0), _staging(out), options)
+    fs, marker = _marker(out, options)
+    with fs.open(marker, "w") as f:
+        f.write("committing")
+    mixed = dataset(1.0)
+    mixed["linear_cka"] = dataset(2.0)["linear_cka"]
+    to_zarr(mixed, out, options)
+
+    ds = open_results(out, options)  # reads the complete staged result, not the mixture
+    values = {float(v) for n in ds.data_vars for v in np.unique(ds[n].values)}
+    assert values == {2.0} and float(ds.attrs["run"]) == 2.0
+
+    write_results(dataset(3.0), out, options)  # rolls forward, then commits its own
+    ds = xr.open_zarr(out, storage_options=options)
+    values = {float(v) for n in ds.data_vars for v in np.unique(ds[n].values)}
+    assert values == {3.0}
+    assert not fs.exists(marker) and not fs.exists(_staging(out).split("://", 1)[1])
