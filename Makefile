@@ -18,11 +18,11 @@ demo: $(STAMP)
 	$(BIN)/python -m jobs.demo
 
 test: $(STAMP)
-	$(BIN)/ruff check store cluster jobs tests
+	$(BIN)/ruff check store cluster jobs tests bench
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check store cluster jobs tests
+	$(BIN)/ruff check store cluster jobs tests bench
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
