@@ -80,13 +80,14 @@ def main(argv=None) -> int:
     code = cli_main(["run", str(spec), "--overwrite"])
     if code:
         return code
-    code = cli_main(["report", str(results_url), "--out", str(report_dir)])
-    if code:
-        return code
+    from jobs.report import write_report
+    from jobs.results import open_results
+
+    files = write_report(open_results(str(results_url)), report_dir)
     side_by_side = report_dir / "mlp-seed0__vs__mlp-seed1.png"
     print(
         f"\nstore:    {store_url}\nspec:     {spec}\nresults:  {results_url}"
-        f"  (xarray.open_zarr)\nreport:   {report_dir}\n"
+        f"  (xarray.open_zarr)\nreport:   {report_dir} ({len(files)} PNG heatmaps)\n"
         f"seed 0 vs seed 1 (CKA, PWCCA, Procrustes side by side): {side_by_side}\n"
         f"demo finished in {time.perf_counter() - t0:.0f} s",
         flush=True,

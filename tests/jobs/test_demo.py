@@ -1,0 +1,23 @@
+"""`make demo` end to end: store, job, results and the side-by-side heatmap."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from jobs.demo import main
+
+
+def test_demo_writes_results_and_heatmaps(tmp_path, capsys):
+    assert main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mlp-seed0__vs__mlp-seed1.png" in out
+    ds = xr.open_zarr(tmp_path / "results.zarr")
+    assert set(ds.data_vars) == {"linear_cka", "pwcca", "procrustes"}
+    assert ds.sizes["x"] == 12  # 3 models x 4 hidden layers
+    png = tmp_path / "report" / "mlp-seed0__vs__mlp-seed1.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # models that differ only in seed: a layer is most similar to the same layer of the
+    # other seed more often than not (the seed paper's diagonal)
+    cka = ds["linear_cka"].values[:4, 4:8]
+    assert (np.argmax(cka, axis=1) == np.arange(4)).sum() >= 3
