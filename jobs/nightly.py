@@ -12,7 +12,6 @@ Every nightly result is also kept as a dated snapshot in `<output>.state/history
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import warnings
@@ -28,10 +27,10 @@ from cluster.moments import UnitMoments, pair_moments, unit_moments
 from jobs.lock import output_lock
 from jobs.plan import Plan, make_groups, make_plan
 from jobs.results import build_dataset, open_results, to_zarr, write_results
-from jobs.run import RunSummary, tile_tasks
+from jobs.run import RunSummary, open_checked, tile_tasks
 from jobs.spec import JobSpec
 from jobs.state import StateStore, digest
-from store import ActivationStore, redact
+from store import redact
 from store.errors import ConflictError, NotFoundError
 
 
@@ -93,8 +92,7 @@ def nightly_job(
         warnings.warn("nightly runs keep feature-space statistics; space: sample is ignored",
                       stacklevel=2)
     spec = replace(spec, compute=replace(spec.compute, space="feature"))
-    store = ActivationStore.open(spec.store, spec.storage_options)
-    full = make_plan(spec, store, workers=spec.compute.workers or os.cpu_count() or 1)
+    store, full = open_checked(spec)
     with output_lock(spec.output, spec.storage_options):
         identity = nightly_identity(spec)
         previous = _previous(spec, identity, overwrite)

@@ -172,24 +172,20 @@ def write_report(ds, out_dir: str | Path, metric: str | None = None) -> list[Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = _pick(ds, metric)
-    written = []
-    for a, b in model_pairs(ds):
-        fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.2), squeeze=False)
-        for ax, name in zip(axes[0], names, strict=True):
+    def figure(panels: list[str], a: str, b: str, path: Path) -> Path:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2),
+                                 squeeze=False)
+        for ax, name in zip(axes[0], panels, strict=True):
             fig.colorbar(heatmap(ax, ds, name, a, b), ax=ax, fraction=0.046)
         fig.suptitle(f"{a} vs {b}")
         fig.tight_layout()
-        path = out / f"{_safe(a)}__vs__{_safe(b)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        written.append(path)
-        for name in names:
-            fig, ax = plt.subplots(figsize=(5, 4.2))
-            fig.colorbar(heatmap(ax, ds, name, a, b), ax=ax, fraction=0.046)
-            fig.suptitle(f"{a} vs {b}")
-            fig.tight_layout()
-            path = out / f"{_safe(name)}__{_safe(a)}__vs__{_safe(b)}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+        return path
+
+    written = []
+    for a, b in model_pairs(ds):
+        pair = f"{_safe(a)}__vs__{_safe(b)}"
+        written.append(figure(names, a, b, out / f"{pair}.png"))
+        written += [figure([name], a, b, out / f"{_safe(name)}__{pair}.png") for name in names]
     return written + write_trends(ds, out, names)

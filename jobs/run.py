@@ -179,6 +179,13 @@ def spec_identity(spec: JobSpec) -> str:
     return json.dumps(spec.identity(), sort_keys=True)
 
 
+def open_checked(spec: JobSpec) -> tuple[ActivationStore, Plan]:
+    """Open the store and plan the job for this machine: every name and the rows are
+    checked before anything starts or is written."""
+    store = ActivationStore.open(spec.store, spec.storage_options)
+    return store, make_plan(spec, store, workers=spec.compute.workers or os.cpu_count() or 1)
+
+
 def run_job(
     spec: JobSpec,
     *,
@@ -189,9 +196,7 @@ def run_job(
     """Run a job end to end and write its results store. See the module docstring."""
     log = log or sys.stderr
     t0 = time.perf_counter()
-    store = ActivationStore.open(spec.store, spec.storage_options)
-    # A first plan checks every name and the rows before anything starts or is written.
-    make_plan(spec, store, workers=spec.compute.workers or os.cpu_count() or 1)
+    store, _ = open_checked(spec)
     with output_lock(spec.output, spec.storage_options):
         return _run_locked(spec, store, address=address, overwrite=overwrite, log=log, t0=t0)
 
