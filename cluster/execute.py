@@ -199,18 +199,37 @@ def connect(address: str | None = None, workers: int | None = None) -> int:
             if address:
                 ray.init(address=address, **common)
             else:
-                # address="local" always starts a new instance: never join a cluster that
-                # happens to run on this machine.
-                ray.init(
-                    address="local",
-                    num_cpus=workers or os.cpu_count(),
-                    include_dashboard=False,
-                    _node_ip_address="127.0.0.1",
-                    **common,
-                )
+                _init_embedded(workers, common)
         except Exception as exc:  # ray raises ConnectionError, RuntimeError, its own types
             raise RepscopeError(_connect_message(address, exc)) from None
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _init_embedded(workers: int | None, common: dict) -> None:
+    """A new single-node instance bound to loopback.
+
+    address="local" always starts a new instance: never join a cluster that happens to run
+    on this machine. Ray replaces a loopback node address with the machine's interface
+    address unless it believes multi-node clusters are off (its flag for macOS and Windows),
+    so that flag is lowered while the instance starts: every server of the instance then
+    binds 127.0.0.1. It is restored at once, so a later driver in this process can still
+    join real clusters.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(
+            address="local",
+            num_cpus=workers or os.cpu_count(),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            **common,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def largest_node_cpus() -> int:
