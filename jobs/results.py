@@ -41,16 +41,12 @@ import numpy as np
 from jobs import __version__
 from store.errors import ConflictError, NotFoundError
 
-_LOCAL_PREFIX = "file://"
-
 
 def local_path(url: str) -> Path | None:
     """The local path of a URL, or None for object storage (anything with another scheme)."""
-    if url.startswith(_LOCAL_PREFIX):
-        return Path(url[len(_LOCAL_PREFIX) :])
-    if "://" in url:
-        return None
-    return Path(url)
+    from store import urls
+
+    return urls.local_path(url) if urls.scheme_of(url) == "file" else None
 
 
 def build_dataset(
