@@ -25,30 +25,44 @@ from bench.workloads import FULL, QUICK, build_store
 
 
 class PeakRSS:
-    """Peak of the summed RSS of a process and all its descendants, sampled every 0.1 s."""
+    """Peak memory of a process and all its descendants, sampled every 0.1 s.
+
+    peak: the summed RSS (pages shared by several processes, such as Ray's object store,
+    counted once per process that maps them: an overstatement); peak_pss: the summed
+    proportional set size (each shared page split among its processes: the tree's real
+    footprint), where the system reports it (Linux), else equal to peak.
+    """
 
     def __init__(self, pid: int | None = None):
         import psutil
 
         self.proc = psutil.Process(pid or os.getpid())
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self) -> tuple[int, int]:
         import psutil
 
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
+        rss = pss = 0
+        try:
+            tree = [self.proc, *self.proc.children(recursive=True)]
+        except psutil.Error:  # a process of the tree ended while it was listed
+            return 0, 0
+        for p in tree:
             try:
-                total += p.memory_info().rss
+                info = p.memory_full_info()
             except psutil.Error:
-                pass
-        return total
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        return rss, pss
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            rss, pss = self._sample()
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self._stop.wait(0.1)
 
     def __enter__(self):
@@ -76,7 +90,7 @@ def gemm_rate(rows: int, width: int, repeats: int = 3) -> float:
 
 def run_ours(url: str, w, out: str, rows: int | None = None, **compute):
     """Our job end to end in a child process (Python start, imports and Ray start included):
-    (summary, plan, matrices, units, seconds, peak RSS of the child's process tree)."""
+    (summary, plan, matrices, units, seconds, PeakRSS of the child's process tree)."""
     from types import SimpleNamespace
 
     from jobs.plan import make_plan
@@ -102,7 +116,7 @@ def run_ours(url: str, w, out: str, rows: int | None = None, **compute):
     ds = open_results(out)
     matrices = {m: np.asarray(ds[m].values) for m in w.metrics}
     units = list(zip(ds["model_x"].values.tolist(), ds["layer_x"].values.tolist(), strict=True))
-    return summary, plan, matrices, units, seconds, rss.peak
+    return summary, plan, matrices, units, seconds, rss
 
 
 def run_naive(url: str, units, metrics, ours, sample: int):
@@ -141,7 +155,7 @@ def run_peer(url: str, rows: int, ours_debiased: np.ndarray | None):
             return {"status": f"failed (exit {proc.returncode})"}
         result = json.loads(out.strip().splitlines()[-1])
         matrix = np.load(path)
-    result.update(status="ok", peak_rss_gib=rss.peak / 2**30)
+    result.update(status="ok", peak_rss_gib=rss.peak / 2**30, peak_pss_gib=rss.peak_pss / 2**30)
     if ours_debiased is not None:
         result["max_abs_diff_vs_ours"] = float(np.abs(matrix - ours_debiased).max())
     return result
@@ -155,8 +169,10 @@ def bench_workload(w, cache: str, outdir: str, quick: bool) -> dict:
     out = os.path.join(res, f"{w.name}.zarr")
     summary, plan, ours, units, seconds, peak = run_ours(url, w, out)
     widest = max(sum(plan.widths(g)) for g in range(len(plan.groups)))
-    rate = gemm_rate(min(plan.block_rows, 8192) if plan.space == "feature" else 2048,
-                     min(widest, 4096))
+    if plan.space == "feature":
+        rate = gemm_rate(min(plan.block_rows, 8192), min(widest, 4096))
+    else:  # one unit's Gram: n x n output, the unit's width inner
+        rate = gemm_rate(max(u.features for u in plan.units), min(plan.n_rows, 8192))
     ideal = summary.gemm_flops / rate
     row = {
         "workload": asdict(w), "space": plan.space, "tiles": len(plan.tiles),
@@ -164,7 +180,8 @@ def bench_workload(w, cache: str, outdir: str, quick: bool) -> dict:
         "seconds": seconds, "accumulate_seconds": summary.accumulate_seconds,
         "gemm_flops": summary.gemm_flops, "gemm_rate_gflops": rate / 1e9,
         "efficiency_accumulate": ideal / summary.accumulate_seconds,
-        "efficiency_end_to_end": ideal / seconds, "peak_rss_gib": peak / 2**30,
+        "efficiency_end_to_end": ideal / seconds, "peak_rss_gib": peak.peak / 2**30,
+        "peak_pss_gib": peak.peak_pss / 2**30,
     }
     if w.name != "W3":
         sample = 3 if quick else 2
@@ -172,21 +189,16 @@ def bench_workload(w, cache: str, outdir: str, quick: bool) -> dict:
         row.update(naive_seconds_per_pair=per_pair, naive_pairs_timed=sample,
                    naive_seconds=per_pair * w.pairs, speedup_vs_naive=per_pair * w.pairs / seconds,
                    max_abs_diff_vs_naive=diff)
-    moments_gib = 8 * (w.units * w.width) ** 2 / 2 / 2**30
-    if w.name == "W4" and moments_gib > 6:
-        row["feature_space"] = {
-            "status": f"not run: its moments alone need {moments_gib:.0f} GiB on the driver",
-            "gemm_flops": float(w.rows) * (w.units * w.width) ** 2,
-            "flops_ratio_vs_sample": float(w.rows) * (w.units * w.width) ** 2
-            / summary.gemm_flops,
-        }
-        row["peer"] = run_peer(url, w.rows, ours.get("linear_cka_debiased"))
-    elif w.name == "W4":
+    if w.name == "W4":
+        # The feature space with the same job, tiled to 2 GiB per worker; its tiles are
+        # finished one at a time, so the driver never holds the whole D x D moments.
         s2, p2, m2, _, sec2, peak2 = run_ours(url, w, os.path.join(res, "W4-feature.zarr"),
                                               space="feature", memory_per_worker="2GiB")
         row["feature_space"] = {
             "seconds": sec2, "accumulate_seconds": s2.accumulate_seconds,
-            "gemm_flops": s2.gemm_flops, "tiles": len(p2.tiles), "peak_rss_gib": peak2 / 2**30,
+            "gemm_flops": s2.gemm_flops, "tiles": len(p2.tiles),
+            "efficiency_accumulate": s2.gemm_flops / rate / s2.accumulate_seconds,
+            "peak_rss_gib": peak2.peak / 2**30, "peak_pss_gib": peak2.peak_pss / 2**30,
             "max_abs_diff_vs_sample": {m: float(np.abs(m2[m] - ours[m]).max()) for m in ours},
         }
         row["sample_speedup_vs_feature"] = sec2 / seconds
@@ -198,7 +210,8 @@ def bench_workload(w, cache: str, outdir: str, quick: bool) -> dict:
         s3, p3, m3, _, sec3, peak3 = run_ours(url, wp, os.path.join(res, "W1-peer.zarr"),
                                               rows=rows)
         row["peer"] = {"rows": rows, "ours_seconds": sec3, "ours_space": p3.space,
-                       "ours_peak_rss_gib": peak3 / 2**30,
+                       "ours_peak_rss_gib": peak3.peak / 2**30,
+                       "ours_peak_pss_gib": peak3.peak_pss / 2**30,
                        **run_peer(url, rows, m3["linear_cka_debiased"])}
     return row
 
@@ -235,7 +248,7 @@ def _write(path, rows):
 
 def print_table(rows):
     print(f"{'wl':3} {'size':>22} {'space':7} {'ours s':>8} {'naive s':>9} {'speedup':>8} "
-          f"{'eff acc':>7} {'eff e2e':>7} {'RSS GiB':>7} {'max diff':>9}")
+          f"{'eff acc':>7} {'eff e2e':>7} {'RSS GiB':>7} {'PSS GiB':>7} {'max diff':>9}")
     for r in rows:
         w = r["workload"]
         size = f"{w['models']}x{w['layers']}x{w['width']} n={w['rows']}"
@@ -244,12 +257,12 @@ def print_table(rows):
               f"{r.get('naive_seconds', float('nan')):9.1f} "
               f"{r.get('speedup_vs_naive', float('nan')):8.1f} "
               f"{r['efficiency_accumulate']:7.2f} {r['efficiency_end_to_end']:7.2f} "
-              f"{r['peak_rss_gib']:7.2f} {diff:9.1e}")
-        if "feature_space" in r and "seconds" not in r["feature_space"]:
-            print(f"    feature space: {r['feature_space']['status']}")
-        elif "feature_space" in r:
+              f"{r['peak_rss_gib']:7.2f} {r.get('peak_pss_gib', float('nan')):7.2f} "
+              f"{diff:9.1e}")
+        if "feature_space" in r:
             f = r["feature_space"]
-            print(f"    feature space: {f['seconds']:.1f} s, RSS {f['peak_rss_gib']:.2f} GiB; "
+            print(f"    feature space: {f['seconds']:.1f} s, RSS {f['peak_rss_gib']:.2f} GiB, "
+                  f"PSS {f['peak_pss_gib']:.2f} GiB; "
                   f"sample is {r['sample_speedup_vs_feature']:.1f}x faster")
         if "peer" in r:
             print(f"    pytorch-cka: {json.dumps(r['peer'], default=float)}")

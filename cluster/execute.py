@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cluster.gram import GramStats, GramTask, gram_tile, merge_gram_stats
+from cluster.gram import GramTile, UnitGram, gram_tile, unit_gram
 from cluster.moments import CrossMoments, TileAccumulator, block_moments, merge, merge_all
 from store.errors import RepscopeError
 
@@ -165,19 +165,72 @@ def merge_parts(*parts: CrossMoments) -> CrossMoments:
     return merge_all(parts)
 
 
-def run_grams(store, tasks: dict[tuple[int, int], list[GramTask]]) -> dict[tuple[int, int],
-                                                                          GramStats]:
-    """Sample space: run every Gram task (a task with ``threads`` asks Ray for that many CPUs
-    and uses them as BLAS threads) and add each tile's parts. Parts are (U_a x U_b) small."""
+@dataclass(frozen=True)
+class GramTask:
+    """Sample space, per-unit work: the centered Gram of one unit over rows [start, stop)."""
+
+    unit: tuple[str, str]
+    start: int
+    stop: int
+    precision: str
+    basis: bool  # also the Gram's eigenpairs (CCA family, Procrustes)
+    threads: int | None = None
+
+
+def read_unit_gram(store, task: GramTask) -> UnitGram:
+    """Read one unit's rows and compute its :class:`UnitGram`: plain code, no Ray."""
+    model, layer = task.unit
+    dtype = np.float32 if task.precision == "float32" else np.float64
+    with blas_threads(task.threads):
+        x = store.read(model, layer, task.start, task.stop)
+        return unit_gram(x, dtype=dtype, basis=task.basis, name=f"{model}/{layer}")
+
+
+def _gram_tile_task(n_a: int, diagonal: bool, metrics, svcca_threshold, threads,
+                    *grams) -> GramTile:
+    # Ray resolves object references only as top-level arguments: the units come flat.
+    a, b = grams[:n_a], None if diagonal else grams[n_a:]
+    with blas_threads(threads):
+        return gram_tile(a, b, metrics, svcca_threshold=svcca_threshold)
+
+
+def run_grams(
+    store,
+    tasks: list[GramTask],
+    groups: tuple[tuple[int, ...], ...],
+    tiles: tuple[tuple[int, int], ...],
+    metrics,
+    *,
+    svcca_threshold: float = 0.99,
+    progress: Callable[[int], None] | None = None,
+    tile_threads: int = 1,
+) -> dict[tuple[int, int], GramTile]:
+    """Sample space on the connected Ray cluster: one task per unit computes its Gram (kept
+    in the object store, computed once whatever the tiles), then one task per tile of unit
+    groups computes the pairs' inner products and basis metrics from the units' Grams.
+
+    progress(1) is called as each unit's Gram is done. tile_threads: BLAS threads (and Ray
+    CPUs) of each tile task.
+    """
     import ray
 
-    remote = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=[OSError])(gram_tile)
+    unit_remote = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=[OSError])(
+        read_unit_gram)
+    tile_remote = ray.remote(max_retries=TASK_RETRIES)(_gram_tile_task)
     store_ref = ray.put(store)
-    refs = {
-        tile: [remote.options(num_cpus=t.threads or 1).remote(store_ref, t) for t in ts]
-        for tile, ts in tasks.items()
-    }
-    return {tile: merge_gram_stats(*_get(rs)) for tile, rs in refs.items()}
+    grams = [unit_remote.options(num_cpus=t.threads or 1).remote(store_ref, t) for t in tasks]
+    refs = {}
+    for a, b in tiles:
+        members = list(groups[a]) + ([] if a == b else list(groups[b]))
+        refs[(a, b)] = tile_remote.options(num_cpus=tile_threads).remote(
+            len(groups[a]), a == b, tuple(metrics), svcca_threshold, tile_threads,
+            *[grams[i] for i in members])
+    pending = list(grams)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+        if progress:
+            progress(len(done))
+    return dict(zip(refs, _get(list(refs.values())), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,13 +343,17 @@ def run_tiles(
     progress: Callable[[int], None] | None = None,
     checkpoints: Checkpoints | None = None,
     keep_parts: bool = False,
-) -> dict[tuple[int, int], CrossMoments] | dict[tuple[int, int], list[CrossMoments]]:
+    on_tile: Callable[[tuple[int, int], CrossMoments], None] | None = None,
+) -> dict | None:
     """Run every task on the connected Ray cluster and merge each tile's partials.
 
     tasks: tile -> its row-range tasks. progress(rows) is called as tasks finish, with the
     rows they covered divided evenly over the tiles (so a full pass reports the job's rows).
-    keep_parts: return each tile's list of row-range partials unmerged (for the bootstrap,
-    which resamples them) instead of their merge.
+    Returns {tile: merged moments}; or with keep_parts, {tile: list of row-range partials}
+    unmerged (for the bootstrap, which resamples them); or with on_tile, None: each tile's
+    merged moments are handed to on_tile(tile, moments) as soon as they are ready and then
+    released, so the driver holds one tile at a time, not the job's. Diagonal tiles are
+    submitted first (their units' per-unit work comes first in finalizing).
     """
     import ray
 
@@ -305,7 +362,8 @@ def run_tiles(
     n_tiles = len(tasks)
     refs: dict[tuple[int, int], list] = {}
     rows_of = {}
-    for tile, ts in tasks.items():
+    for tile in sorted(tasks, key=lambda t: t[0] != t[1]):
+        ts = tasks[tile]
         refs[tile] = [
             accumulate.options(num_cpus=t.threads or 1).remote(store_ref, t, checkpoints)
             for t in ts
@@ -314,22 +372,40 @@ def run_tiles(
     if not keep_parts:
         finals = {tile: _tree(list(rs), merge_remote) for tile, rs in refs.items()}
 
-    pending = [r for rs in refs.values() for r in rs]
+    streamed = {ref: tile for tile, ref in finals.items()} if on_tile else {}
+    pending = set(rows_of) | set(streamed)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+        done, _ = ray.wait(list(pending), num_returns=1, fetch_local=False)
         for r in done:
-            if progress:
-                progress(rows_of[r])
+            pending.discard(r)
+            if progress and r in rows_of:
+                progress(rows_of.pop(r))
+            if r in streamed:
+                tile = streamed.pop(r)
+                on_tile(tile, _get([r])[0])
+                # Drop every reference to the tile's partials, so Ray frees them.
+                for part in refs.pop(tile):
+                    if part in pending:  # done, but not yet reported by ray.wait
+                        pending.discard(part)
+                        if progress:
+                            progress(rows_of[part])
+                    rows_of.pop(part, None)
+                del finals[tile]
+    if on_tile:
+        return None
     if keep_parts:
         return {tile: _get(rs) for tile, rs in refs.items()}
     return dict(zip(finals, _get(list(finals.values())), strict=True))
 
 
 class Progress:
-    """Rows done, rate and ETA on stderr: a live bar on a terminal, a line per stage elsewhere."""
+    """Rows (or other ``unit``s of work) done, rate and ETA on stderr: a live bar on a
+    terminal, a line per stage elsewhere."""
 
-    def __init__(self, total_rows: int, label: str = "accumulate", stream=None):
+    def __init__(self, total_rows: int, label: str = "accumulate", stream=None,
+                 unit: str = "rows"):
         self.total = max(1, total_rows)
+        self.unit = unit
         self.done = 0.0
         self.label = label
         self.stream = stream or sys.stderr
@@ -348,8 +424,8 @@ class Progress:
         bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
         eta_s = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
         self.stream.write(
-            f"\r{self.label} [{bar}] {int(self.done):,}/{self.total:,} rows "
-            f"{rate:,.0f} rows/s ETA {eta_s}"
+            f"\r{self.label} [{bar}] {int(self.done):,}/{self.total:,} {self.unit} "
+            f"{rate:,.{0 if rate >= 10 else 2}f} {self.unit}/s ETA {eta_s}"
         )
         self.stream.flush()
 
@@ -357,5 +433,5 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         if self.live:
             self.stream.write("\n")
-        self.stream.write(f"{self.label}: {round(self.done):,} rows in {elapsed:.1f} s\n")
+        self.stream.write(f"{self.label}: {round(self.done):,} {self.unit} in {elapsed:.1f} s\n")
         self.stream.flush()

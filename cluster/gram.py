@@ -2,7 +2,10 @@
 
 With n rows and a unit of d features, the centered Gram ``K = Xc Xc^T`` (n x n) costs n^2 d
 once per unit, while feature-space moments cost n d^2 per unit pair: with a few thousand rows
-and wide layers (n << d) the Grams are far cheaper (docs/design.md, section 4).
+and wide layers (n << d) the Grams are far cheaper (docs/design.md, section 4). The work
+splits as netrep's ``partial_fit`` / ``finalize``: :func:`unit_gram` once per unit (the
+Gram, and its eigendecomposition when a metric needs one), then small per-pair work
+(:func:`gram_products`, :func:`pair_metrics`).
 
 Every quantity here equals its feature-space counterpart in :mod:`cluster.metrics`:
 
@@ -10,8 +13,8 @@ Every quantity here equals its feature-space counterpart in :mod:`cluster.metric
   2019) is ``<K, L> / (||K|| ||L||)``.
 - Debiased CKA (Song et al. 2012): with centered linear kernels, ``K~`` the Gram without its
   diagonal, ``tr(K~ L~) = <K, L> - diag(K).diag(L)``, ``1^T K~ 1 = -tr K`` and
-  ``1^T K~ L~ 1 = diag(K).diag(L)``, so the unbiased HSIC needs only ``<K, L>``, the diagonals
-  and the traces: the feature-space formula with ``sum_ab = diag(K).diag(L)``.
+  ``1^T K~ L~ 1 = diag(K).diag(L)``, so the unbiased HSIC needs only the off-diagonal inner
+  product, the diagonals and the traces.
 - CCA family: ``K = U S^2 U^T``; the columns of U with eigenvalues above the floor are an
   orthonormal basis of X's column space, and the canonical correlations are the singular
   values of ``Ux^T Uy`` (zeros pad them to min(p, q), as the floored directions do there).
@@ -22,8 +25,9 @@ Every quantity here equals its feature-space counterpart in :mod:`cluster.metric
 PWCCA weights canonical variates by their covariance with each *feature* (an L1 norm in the
 feature basis), which Grams do not determine: it has no sample-space form here.
 
-The streaming job path (:func:`gram_tile`) computes ``<K_u, K_v>`` for all unit pairs of a
-tile without holding any whole Gram: row slab by row slab of the upper triangle.
+Precision: the Gram is one float32 (or float64) syrk of the centered rows; its diagonal is
+kept apart in float64 and the inner products of Grams are summed in float64, so debiased
+CKA (which subtracts the diagonal's large share of ``<K, L>``) loses no digits to it.
 """
 
 from __future__ import annotations
@@ -34,47 +38,283 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.linalg import inverse_sqrt, sorted_eigh
-from cluster.metrics import EIG_FLOOR, check_metrics, debiased_hsic
+from cluster.metrics import EIG_FLOOR, check_metrics
 from store.errors import InputError
 
 __all__ = [
     "SAMPLE_METRICS",
-    "STREAMED_SAMPLE_METRICS",
-    "GramTask",
-    "GramStats",
-    "centered_gram",
-    "sample_space_metrics",
+    "BASIS_METRICS",
+    "UnitGram",
+    "GramTile",
+    "unit_gram",
+    "gram_products",
+    "pair_metrics",
     "gram_tile",
-    "merge_gram_stats",
     "gram_similarity_matrices",
+    "sample_space_metrics",
     "sample_space_flops",
 ]
 
-#: Metrics with a sample-space form (in memory, :func:`sample_space_metrics`).
+#: Metrics with a sample-space form (all but PWCCA).
 SAMPLE_METRICS = ("linear_cka", "linear_cka_debiased", "mean_cca", "mean_sq_cca", "svcca",
                   "procrustes")
-#: Metrics the streaming job path finishes from Gram inner products alone.
-STREAMED_SAMPLE_METRICS = ("linear_cka", "linear_cka_debiased")
+#: Metrics finished from each unit's Gram eigendecomposition (O(n^3) per unit).
+BASIS_METRICS = ("mean_cca", "mean_sq_cca", "svcca", "procrustes")
+# float64 Gram entries of all units in flight per slab of gram_products.
+_SLAB_BYTES = 128 << 20
 
 
-def _centered(x: np.ndarray, dtype=np.float64) -> np.ndarray:
+def check_sample_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
+    """Validated names, refusing those without a sample-space form (PWCCA)."""
+    metrics = check_metrics(SAMPLE_METRICS if metrics is None else metrics)
+    unsupported = [m for m in metrics if m not in SAMPLE_METRICS]
+    if unsupported:
+        raise InputError(
+            f"{', '.join(unsupported)} has no sample-space form (it weights by features); "
+            "use the feature space (compute.space: feature)"
+        )
+    return metrics
+
+
+@dataclass(frozen=True)
+class UnitGram:
+    """Sample-space statistics of one unit over n rows, computed once per unit.
+
+    Attributes
+    ----------
+    name : the unit's name, for messages.
+    features : the unit's width d.
+    off : ndarray (n, n), the centered Gram ``K = Xc Xc^T`` with its diagonal set to 0, in
+        the GEMM dtype (float32 or float64); symmetric.
+    diag : ndarray (n,), float64, K's diagonal (squared norms of the centered rows).
+    evals : ndarray (r,), descending, and evecs : ndarray (n, r), float64, the leading
+        eigenpairs of K, r = min(n - 1, d) its largest possible rank. None unless a CCA-family
+        metric or Procrustes needs them.
+    """
+
+    name: str
+    features: int
+    off: np.ndarray
+    diag: np.ndarray
+    evals: np.ndarray | None = None
+    evecs: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return self.diag.shape[0]
+
+    @property
+    def trace(self) -> float:
+        return float(self.diag.sum())
+
+
+def _centered(x: np.ndarray, dtype) -> np.ndarray:
     """Features centered on their float64 mean, rounded once to ``dtype``: (n, d)."""
     x = np.asarray(x)
-    return (x - x.mean(axis=0, dtype=np.float64)).astype(dtype, copy=False)
+    # The subtraction runs in float64 (the mean's type) in numpy's buffered chunks, so no
+    # float64 copy of x is made; each entry is rounded once, into the output.
+    return np.subtract(x, x.mean(axis=0, dtype=np.float64), out=np.empty(x.shape, dtype),
+                       casting="unsafe")
 
 
-def centered_gram(x: np.ndarray) -> np.ndarray:
-    """``K = Xc Xc^T`` for x of shape (n_rows, n_features): ndarray (n_rows, n_rows), float64."""
-    xc = _centered(x)
-    return xc @ xc.T
+def unit_gram(
+    x: np.ndarray,
+    *,
+    dtype=np.float32,
+    basis: bool = False,
+    name: str = "unit",
+) -> UnitGram:
+    """The unit's centered Gram (and eigenpairs when ``basis``) from its rows.
+
+    Parameters
+    ----------
+    x : ndarray (n_rows, d), the unit's activations.
+    dtype : the GEMM dtype of the Gram (float32: BLAS peak; float64: exact reference).
+    basis : also the eigendecomposition of K in float64 (for :data:`BASIS_METRICS`).
+
+    Notes
+    -----
+    Cost: one syrk, n^2 d flops (numpy calls syrk for ``a @ a.T``), plus O(n^3) for the
+    basis. Memory: the centered rows, K (n^2 in ``dtype``), and with the basis a float64 K.
+    """
+    xc = _centered(x, dtype)
+    n, d = xc.shape
+    if n < 2:
+        raise InputError(f"unit {name!r} has {n} rows; similarity needs at least 2")
+    off = xc @ xc.T
+    diag = np.einsum("ij,ij->i", xc, xc, dtype=np.float64)
+    if not diag.any():
+        raise InputError(
+            f"unit {name!r} has zero variance (all {d} features constant over {n} rows): "
+            "similarity undefined; drop the unit or check the activations"
+        )
+    np.fill_diagonal(off, 0)
+    evals = evecs = None
+    if basis:
+        k = off.astype(np.float64)
+        k[np.diag_indices(n)] = diag
+        evals, evecs = sorted_eigh(k)
+        # Centered rows span at most min(n - 1, d) directions; the rest of K's spectrum is
+        # rounding (float32: near 1e-7 of the largest, above the floor), not signal.
+        r = min(n - 1, d)
+        evals, evecs = evals[:r], np.ascontiguousarray(evecs[:, :r])
+    return UnitGram(name, d, off, diag, evals, evecs)
 
 
-# --- in memory: every metric with a sample-space form --------------------------------------
+def _slab_vectors(grams: Sequence[UnitGram], i0: int, i1: int) -> np.ndarray:
+    """Entries ``[K[I, I], sqrt(2) K[I, i1:]]`` of each Gram as float64: (units, entries).
+
+    Summed over the slabs I = [i0, i1), their inner products are the off-diagonal
+    ``<K, L>``: diagonal blocks once, the strictly upper part twice (K is symmetric).
+    """
+    m = i1 - i0
+    n = grams[0].n
+    out = np.empty((len(grams), m * (n - i0)))
+    for u, g in enumerate(grams):
+        row = out[u].reshape(m, n - i0)
+        row[:] = g.off[i0:i1, i0:]
+        row[:, m:] *= np.sqrt(2.0)
+    return out
 
 
-def _basis(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending, >= 0) and eigenvectors of a centered Gram."""
-    return sorted_eigh(k)
+def gram_products(
+    a: Sequence[UnitGram], b: Sequence[UnitGram] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Off-diagonal inner products ``<K~_u, K~_v>`` and ``diag(K_u).diag(K_v)``, float64.
+
+    a, b : the units of two groups (b None: a with itself). Returns two (len(a), len(b))
+    arrays. Cost U_a U_b n^2 float64 flops plus one float64 copy of each Gram's triangle,
+    small next to the Grams' n^2 d each; memory one slab of every unit (_SLAB_BYTES).
+    """
+    n = a[0].n
+    units = len(a) + (0 if b is None else len(b))
+    slab = int(max(16, min(n, _SLAB_BYTES // (8 * n * units))))
+    kl = np.zeros((len(a), len(a) if b is None else len(b)))
+    for i0 in range(0, n, slab):
+        i1 = min(n, i0 + slab)
+        va = _slab_vectors(a, i0, i1)
+        vb = va if b is None else _slab_vectors(b, i0, i1)
+        kl += va @ vb.T
+    da = np.stack([g.diag for g in a])
+    db = da if b is None else np.stack([g.diag for g in b])
+    return kl, da @ db.T
+
+
+def _svcca_dims(evals: np.ndarray, threshold: float, floor: float) -> int:
+    """As :func:`cluster.metrics.svcca_basis`: fewest directions explaining ``threshold``."""
+    fraction = np.cumsum(evals) / evals.sum()
+    k = int(np.searchsorted(fraction, threshold)) + 1
+    return min(k, int(np.count_nonzero(inverse_sqrt(evals, floor))))
+
+
+def pair_metrics(
+    gx: UnitGram,
+    gy: UnitGram,
+    metrics: Iterable[str],
+    *,
+    svcca_threshold: float = 0.99,
+    eig_floor: float = EIG_FLOOR,
+) -> dict[str, float]:
+    """The :data:`BASIS_METRICS` among ``metrics`` of one pair, from the units' eigenpairs.
+
+    Cost: one (n x r_x)^T (n x r_y) product and one or two SVDs of r_x x r_y.
+    """
+    wanted = [m for m in metrics if m in BASIS_METRICS]
+    if not wanted:
+        return {}
+    if gx.evals is None or gy.evals is None:
+        raise ValueError("pair_metrics needs unit_gram(..., basis=True)")
+    ex, ux, ey, uy = gx.evals, gx.evecs, gy.evals, gy.evecs
+    p, q = gx.features, gy.features
+    kx = int(np.count_nonzero(inverse_sqrt(ex, eig_floor)))
+    ky = int(np.count_nonzero(inverse_sqrt(ey, eig_floor)))
+    m = ux.T @ uy  # cosines between the two column spaces' bases: (r_x, r_y)
+    out: dict[str, float] = {}
+    if "mean_cca" in wanted or "mean_sq_cca" in wanted:
+        rho = np.zeros(min(p, q))
+        s = np.linalg.svd(m[:kx, :ky], compute_uv=False)
+        rho[: min(s.size, rho.size)] = s[: rho.size]
+        out["mean_cca"] = float(rho.mean())
+        out["mean_sq_cca"] = float(np.mean(rho * rho))
+    if "svcca" in wanted:
+        sx = _svcca_dims(ex[:p], svcca_threshold, eig_floor)
+        sy = _svcca_dims(ey[:q], svcca_threshold, eig_floor)
+        out["svcca"] = float(np.linalg.svd(m[:sx, :sy], compute_uv=False).mean())
+    if "procrustes" in wanted:
+        rx, ry = np.sqrt(ex), np.sqrt(ey)
+        nuclear = np.linalg.svd(rx[:, None] * m * ry[None, :], compute_uv=False).sum()
+        out["procrustes"] = float(2.0 - 2.0 * nuclear / np.sqrt(ex.sum() * ey.sum()))
+    return {k: out[k] for k in wanted}
+
+
+@dataclass(frozen=True)
+class GramTile:
+    """Sample-space statistics of a tile (unit group a x unit group b), float64.
+
+    kl_off : ndarray (k_a, k_b), ``<K~_u, K~_v>`` (Grams without their diagonals).
+    dd : ndarray (k_a, k_b), ``diag(K_u) . diag(K_v)``.
+    trace_a : ndarray (k_a,); trace_b : ndarray (k_b,).
+    values : {metric: ndarray (k_a, k_b)} of the :data:`BASIS_METRICS` asked for (in a
+        diagonal tile only the upper triangle, i <= j, is filled).
+    """
+
+    kl_off: np.ndarray
+    dd: np.ndarray
+    trace_a: np.ndarray
+    trace_b: np.ndarray
+    values: dict
+
+
+def gram_tile(
+    a: Sequence[UnitGram],
+    b: Sequence[UnitGram] | None,
+    metrics: Iterable[str],
+    *,
+    svcca_threshold: float = 0.99,
+    eig_floor: float = EIG_FLOOR,
+) -> GramTile:
+    """Per-pair work of a tile: Gram inner products, and the basis metrics of each pair."""
+    kl, dd = gram_products(a, b)
+    bb = a if b is None else b
+    basis = [m for m in metrics if m in BASIS_METRICS]
+    values = {m: np.full((len(a), len(bb)), np.nan) for m in basis}
+    if basis:
+        for i, gx in enumerate(a):
+            for j in range(i if b is None else 0, len(bb)):
+                pair = pair_metrics(gx, bb[j], basis, svcca_threshold=svcca_threshold,
+                                    eig_floor=eig_floor)
+                for m, v in pair.items():
+                    values[m][i, j] = v
+    traces_a = np.array([g.trace for g in a])
+    traces_b = traces_a if b is None else np.array([g.trace for g in b])
+    return GramTile(kl, dd, traces_a, traces_b, values)
+
+
+def gram_similarity_matrices(
+    n: int,
+    kl_off: np.ndarray,
+    dd: np.ndarray,
+    trace: np.ndarray,
+    metrics: Iterable[str],
+) -> dict[str, np.ndarray]:
+    """(U, U) matrices of linear and debiased CKA from the assembled statistics.
+
+    kl_off, dd : ndarray (U, U), ``<K~_u, K~_v>`` and ``diag(K_u).diag(K_v)``; trace : (U,).
+    Other metrics in ``metrics`` are ignored (they come from :func:`pair_metrics`).
+    """
+    out = {}
+    if "linear_cka" in metrics:
+        kl = kl_off + dd
+        fro = np.sqrt(np.diag(kl))
+        out["linear_cka"] = kl / np.outer(fro, fro)
+    if "linear_cka_debiased" in metrics:
+        if n < 4:
+            raise InputError(f"linear_cka_debiased needs at least 4 rows, got {n}")
+        # debiased_hsic(kl, dd, ...) with kl = kl_off + dd, the diagonal terms combined.
+        hsic = kl_off - 2.0 / (n - 2.0) * dd + np.outer(trace, trace) / ((n - 1.0) * (n - 2.0))
+        self_ = np.sqrt(np.diag(hsic))
+        out["linear_cka_debiased"] = hsic / np.outer(self_, self_)
+    return out
 
 
 def sample_space_metrics(
@@ -85,7 +325,7 @@ def sample_space_metrics(
     svcca_threshold: float = 0.99,
     eig_floor: float = EIG_FLOOR,
 ) -> dict[str, float]:
-    """value(x, y) of each metric from the two centered Grams (see the module notes).
+    """value(x, y) of each metric from the two centered Grams, in float64 (module notes).
 
     Parameters
     ----------
@@ -94,186 +334,33 @@ def sample_space_metrics(
 
     Notes
     -----
+    The job path's code (:func:`unit_gram`, :func:`gram_tile`) on two in-memory units.
     Cost: two n x n Grams (n^2 (p + q)), and for the CCA family or Procrustes two n x n
     eigendecompositions (O(n^3)); memory a few n x n float64 matrices.
     """
-    metrics = check_metrics(SAMPLE_METRICS if metrics is None else metrics)
-    unsupported = [m for m in metrics if m not in SAMPLE_METRICS]
-    if unsupported:
-        raise InputError(
-            f"{', '.join(unsupported)} has no sample-space form (it weights by features); "
-            "use the feature space (compute.space: feature)"
-        )
+    metrics = check_sample_metrics(metrics)
     x, y = np.asarray(x), np.asarray(y)
     if x.shape[0] != y.shape[0]:
         raise InputError(f"x and y must have the same rows: {x.shape[0]} vs {y.shape[0]}")
-    n, p, q = x.shape[0], x.shape[1], y.shape[1]
-    k, ell = centered_gram(x), centered_gram(y)
-    kl = float(np.sum(k * ell))
-    out: dict[str, float] = {}
-    if "linear_cka" in metrics:
-        out["linear_cka"] = kl / float(np.linalg.norm(k) * np.linalg.norm(ell))
-    if "linear_cka_debiased" in metrics:
-        if n < 4:
-            raise InputError(f"linear_cka_debiased needs at least 4 rows, got {n}")
-        dk, dl = np.diag(k), np.diag(ell)
-        tk, tl = float(dk.sum()), float(dl.sum())
-        hsic = debiased_hsic(kl, float(dk @ dl), tk, tl, n)
-        hx = debiased_hsic(float(np.sum(k * k)), float(dk @ dk), tk, tk, n)
-        hy = debiased_hsic(float(np.sum(ell * ell)), float(dl @ dl), tl, tl, n)
-        out["linear_cka_debiased"] = hsic / float(np.sqrt(hx * hy))
-    if any(m in metrics for m in ("mean_cca", "mean_sq_cca", "svcca", "procrustes")):
-        ex, ux = _basis(k)
-        ey, uy = _basis(ell)
-        if "mean_cca" in metrics or "mean_sq_cca" in metrics:
-            kx = np.count_nonzero(inverse_sqrt(ex, eig_floor))
-            ky = np.count_nonzero(inverse_sqrt(ey, eig_floor))
-            rho = np.zeros(min(p, q))
-            s = np.linalg.svd(ux[:, :kx].T @ uy[:, :ky], compute_uv=False)
-            rho[: s.size] = s[: rho.size]
-            if "mean_cca" in metrics:
-                out["mean_cca"] = float(rho.mean())
-            if "mean_sq_cca" in metrics:
-                out["mean_sq_cca"] = float(np.mean(rho * rho))
-        if "svcca" in metrics:
-            kx = _svcca_dims(ex[:p], svcca_threshold, eig_floor)
-            ky = _svcca_dims(ey[:q], svcca_threshold, eig_floor)
-            out["svcca"] = float(np.linalg.svd(ux[:, :kx].T @ uy[:, :ky],
-                                               compute_uv=False).mean())
-        if "procrustes" in metrics:
-            sx, sy = np.sqrt(ex), np.sqrt(ey)
-            nuclear = np.linalg.svd((ux * sx).T @ (uy * sy), compute_uv=False).sum()
-            out["procrustes"] = float(2.0 - 2.0 * nuclear / np.sqrt(ex.sum() * ey.sum()))
+    basis = any(m in BASIS_METRICS for m in metrics)
+    gx = unit_gram(x, dtype=np.float64, basis=basis, name="x")
+    gy = unit_gram(y, dtype=np.float64, basis=basis, name="y")
+    tile = gram_tile([gx, gy], None, metrics, svcca_threshold=svcca_threshold,
+                     eig_floor=eig_floor)
+    mats = gram_similarity_matrices(x.shape[0], tile.kl_off, tile.dd, tile.trace_a, metrics)
+    out = {m: float(v[0, 1]) for m, v in mats.items()}
+    out.update({m: float(v[0, 1]) for m, v in tile.values.items()})
     return {m: out[m] for m in metrics}
 
 
-def _svcca_dims(evals: np.ndarray, threshold: float, floor: float) -> int:
-    """As :func:`cluster.metrics.svcca_basis`: fewest directions explaining ``threshold``."""
-    fraction = np.cumsum(evals) / evals.sum()
-    k = int(np.searchsorted(fraction, threshold)) + 1
-    return min(k, int(np.count_nonzero(inverse_sqrt(evals, floor))))
-
-
-# --- streaming job path: Gram inner products of every unit pair ----------------------------
-
-
-@dataclass(frozen=True)
-class GramTask:
-    """One task: Gram inner products of the units of groups a and b (b None: a with itself)
-    over the row slabs ``slabs`` of the upper triangle; rows [start, stop) of the store."""
-
-    units_a: tuple[tuple[str, str], ...]
-    units_b: tuple[tuple[str, str], ...] | None
-    start: int
-    stop: int
-    slabs: tuple[tuple[int, int], ...]
-    precision: str
-    threads: int | None = None
-
-
-@dataclass(frozen=True)
-class GramStats:
-    """Sample-space statistics of a tile (all float64, ``a`` x ``b`` unit indices).
-
-    kl : ndarray (k_a, k_b), ``<K_u, L_v>_F`` summed over the slabs done so far.
-    dd : ndarray (k_a, k_b), ``diag(K_u) . diag(L_v)``.
-    trace_a : ndarray (k_a,); trace_b : ndarray (k_b,). n : rows.
-    """
-
-    n: int
-    kl: np.ndarray
-    dd: np.ndarray
-    trace_a: np.ndarray
-    trace_b: np.ndarray
-
-
-def gram_slabs(n: int, slab_rows: int) -> list[tuple[int, int]]:
-    """Row slabs [i0, i1) of the n x n upper triangle."""
-    return [(i, min(i + slab_rows, n)) for i in range(0, n, slab_rows)]
-
-
-def _slab_vectors(xs: Sequence[np.ndarray], i0: int, i1: int) -> np.ndarray:
-    """Rows ``[K[I, I], sqrt(2) K[I, i1:]]`` flattened, one per unit: (units, slab entries).
-
-    Summed over the slabs, their inner products are ``<K, L>_F``: the diagonal blocks once,
-    the strictly upper part twice (K is symmetric). GEMMs in the data's dtype; float64 out.
-    """
-    out = []
-    for xc in xs:
-        block = xc[i0:i1] @ xc[i0:].T  # (|I|, n - i0)
-        block[:, i1 - i0 :] *= np.sqrt(2.0, dtype=block.dtype)
-        out.append(block.ravel())
-    return np.asarray(out, dtype=np.float64)
-
-
-def _read_centered(store, units, start: int, stop: int, dtype) -> list[np.ndarray]:
-    return [_centered(store.read(m, layer, start, stop), dtype) for m, layer in units]
-
-
-def gram_tile(store, task: GramTask) -> GramStats:
-    """Gram inner products of a tile's unit pairs over ``task.slabs``: plain code, no Ray.
-
-    Memory: the tile's centered rows (n x (d_a + d_b) in the GEMM dtype) and one slab's
-    vectors per unit (|I| x n float64 each): no whole Gram is held.
-    """
-    from cluster.execute import blas_threads
-
-    limit = blas_threads(task.threads)
-    dtype = np.float32 if task.precision == "float32" else np.float64
-    with limit:
-        xa = _read_centered(store, task.units_a, task.start, task.stop, dtype)
-        xb = xa if task.units_b is None else _read_centered(
-            store, task.units_b, task.start, task.stop, dtype)
-        n = task.stop - task.start
-        kl = np.zeros((len(xa), len(xb)))
-        for i0, i1 in task.slabs:
-            va = _slab_vectors(xa, i0, i1)
-            vb = va if task.units_b is None else _slab_vectors(xb, i0, i1)
-            kl += va @ vb.T
-        da = np.asarray([np.einsum("ij,ij->i", x, x, dtype=np.float64) for x in xa])
-        db = da if task.units_b is None else np.asarray(
-            [np.einsum("ij,ij->i", x, x, dtype=np.float64) for x in xb])
-    return GramStats(n, kl, da @ db.T, da.sum(axis=1), db.sum(axis=1))
-
-
-def merge_gram_stats(*parts: GramStats) -> GramStats:
-    """Stats of disjoint slab sets of one tile: the inner products add."""
-    first = parts[0]
-    return GramStats(first.n, sum(p.kl for p in parts), first.dd, first.trace_a, first.trace_b)
-
-
-def gram_similarity_matrices(
-    n: int,
-    kl: np.ndarray,
-    dd: np.ndarray,
-    trace: np.ndarray,
-    metrics: Iterable[str],
-) -> dict[str, np.ndarray]:
-    """(U, U) matrices of the streamed sample-space metrics from the assembled statistics.
-
-    kl, dd : ndarray (U, U), ``<K_u, K_v>`` and ``diag(K_u).diag(K_v)``; trace : (U,).
-    """
-    metrics = check_metrics(metrics)
-    bad = [m for m in metrics if m not in STREAMED_SAMPLE_METRICS]
-    if bad:
-        raise InputError(
-            f"{', '.join(bad)} cannot be finished from streamed Gram inner products; "
-            "use compute.space: feature (or auto)"
-        )
-    out = {}
-    if "linear_cka" in metrics:
-        fro = np.sqrt(np.diag(kl))
-        out["linear_cka"] = kl / np.outer(fro, fro)
-    if "linear_cka_debiased" in metrics:
-        if n < 4:
-            raise InputError(f"linear_cka_debiased needs at least 4 rows, got {n}")
-        hsic = kl - n / (n - 2.0) * dd + np.outer(trace, trace) / ((n - 1.0) * (n - 2.0))
-        self_ = np.sqrt(np.diag(hsic))
-        out["linear_cka_debiased"] = hsic / np.outer(self_, self_)
-    return {m: out[m] for m in metrics}
-
-
-def sample_space_flops(n: int, widths: Sequence[int]) -> float:
-    """Flops of the streamed sample path: the Gram triangles (n^2 d per unit) plus the
-    float64 inner products (U^2 n^2, counted twice for their lower GEMM rate)."""
-    return float(n) ** 2 * sum(widths) + 2.0 * len(widths) ** 2 * float(n) ** 2
+def sample_space_flops(n: int, widths: Sequence[int], metrics: Iterable[str] = ()) -> float:
+    """Flops of the sample path: the Grams (n^2 d per unit, syrk), their float64 inner
+    products (U^2 n^2, counted twice for the lower float64 rate) and, for the basis metrics,
+    an n x n eigendecomposition per unit (about 10 n^3) and per pair one n r^2 product and
+    SVDs of r x r (about 10 r^3), r = min(n, d)."""
+    u = len(widths)
+    total = float(n) ** 2 * sum(widths) + 2.0 * u**2 * float(n) ** 2
+    if any(m in BASIS_METRICS for m in metrics):
+        r = min(n, max(widths))
+        total += 10.0 * u * float(n) ** 3 + u * (u + 1) / 2 * (2.0 * n * r**2 + 10.0 * r**3)
+    return total

@@ -386,7 +386,7 @@ def compare_pair(
 
 
 def similarity_matrices(
-    units: Sequence[UnitMoments],
+    units: Sequence[UnitMoments | None],
     cross: Callable[[int, int], PairMoments],
     metrics: Iterable[str] | None = None,
     *,
@@ -395,12 +395,13 @@ def similarity_matrices(
     eig_floor: float = EIG_FLOOR,
     pairs: Iterable[tuple[int, int]] | None = None,
     threads: int = 1,
+    caches: dict[int, UnitCache] | None = None,
 ) -> dict[str, np.ndarray]:
     """The pairwise driver: full (U, U) matrices per metric.
 
     Parameters
     ----------
-    units : the U units' moments.
+    units : the U units' moments (None for a unit whose cache is in ``caches``).
     cross : ``cross(i, j)`` for i <= j returns the PairMoments of units i and j (for i == j,
         Cxy = Cxx of the unit).
     metrics : names (None: all).
@@ -408,6 +409,8 @@ def similarity_matrices(
     pairs : the (i, j) to compute (either order; default all i <= j); the others are NaN, for
         incremental runs.
     threads : prepare units and compare pairs on this many threads (one BLAS thread each).
+    caches : per-unit work already done, by unit index; units prepared here are added to it,
+        so a caller finishing a job tile by tile prepares each unit once.
 
     Returns
     -------
@@ -436,7 +439,8 @@ def similarity_matrices(
         return prepare_unit(units[i], metrics, svcca_threshold=svcca_threshold,
                             eig_floor=eig_floor, name=names[i])
 
-    needed = sorted({k for pair in todo for k in pair})
+    caches = {} if caches is None else caches
+    needed = sorted({k for pair in todo for k in pair} - set(caches))
     if threads > 1:
         # Many small LAPACK calls: one BLAS thread each, `threads` of them at once (LAPACK
         # releases the GIL), beats one call at a time with threaded BLAS.
@@ -445,11 +449,11 @@ def similarity_matrices(
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
-            caches = dict(zip(needed, pool.map(prepare, needed), strict=True))
+            caches.update(zip(needed, pool.map(prepare, needed), strict=True))
             values = list(pool.map(
                 lambda p: compare_pair(caches[p[0]], caches[p[1]], cross(*p), metrics), todo))
     else:
-        caches = {i: prepare(i) for i in needed}
+        caches.update({i: prepare(i) for i in needed})
         values = [compare_pair(caches[i], caches[j], cross(i, j), metrics) for i, j in todo]
 
     out = {k: np.full((count, count), np.nan) for k in metrics}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from jobs.spec import JobSpec, closest
 from store.errors import InputError, NotFoundError
+from store.layout import format_bytes
 
 # Per tile a task holds the float64 accumulator, the block product and a merge temporary.
 _TILE_COPIES = 3
@@ -24,7 +25,7 @@ _TILE_COPIES = 3
 # BLAS peak and make the per-block d_a x d_b accumulator addition negligible next to them.
 _BLOCK_BYTES = 256 << 20
 _MIN_BLOCK_ROWS = 2048
-# Sample space: one slab's Gram rows of all units of a tile (float64) stays under this.
+# Sample space: gram_products' float64 slab buffers (cluster.gram._SLAB_BYTES).
 _SLAB_BYTES = 128 << 20
 _MAX_BLOCK_ROWS = 65536
 _MAX_TASK_THREADS = 16
@@ -64,8 +65,9 @@ class Plan:
     fourth: bool
     precision: str
     space: str = "feature"
-    slab_rows: int = 0
     threads: int = 1  # BLAS threads per task (Ray CPUs it asks for)
+    basis: bool = False  # sample space: per-unit Gram eigenpairs (CCA family, Procrustes)
+    tile_threads: int = 1  # sample space: BLAS threads of each tile task
 
     @property
     def n_rows(self) -> int:
@@ -88,8 +90,8 @@ class Plan:
 
     def gemm_flops(self) -> float:
         """Multiply-add flops (2 per MAC) of the accumulation: symmetric tiles counted half.
-        Sample space: the Gram triangles, n^2 d per unit (the float64 inner products,
-        U^2 n^2, are not counted)."""
+        Sample space: the Grams, n^2 d per unit (syrk); the float64 inner products
+        (U^2 n^2) and eigendecompositions are not counted."""
         if self.space == "sample":
             return float(self.n_rows) ** 2 * sum(u.features for u in self.units)
         total = 0.0
@@ -167,16 +169,23 @@ def make_groups(widths: list[int], max_width: int) -> tuple[tuple[int, ...], ...
     return tuple(tuple(g) for g in groups)
 
 
+def sample_unit_bytes(n: int, width: int, basis: bool) -> int:
+    """Memory of one unit's Gram task: its rows read and centered (float32), its Gram, and
+    with the basis a float64 copy plus eigh's workspace and eigenvectors."""
+    return 8 * n * width + 4 * n * n + (32 * n * n if basis else 0)
+
+
 def choose_space(spec: JobSpec, n: int, widths: list[int], memory: int) -> str:
     """"feature" or "sample": the spec's choice, else the cheaper one in flops.
 
-    Feature space costs n D^2 flops for D = sum of widths (symmetric); sample space
-    n^2 D for the Gram triangles plus about 2 U^2 n^2 for their inner products, and holds a
-    tile's rows in memory (n x width of two groups, float32). Sample space finishes only
-    linear CKA and debiased CKA from streamed Grams (cluster.gram), so other metrics keep
-    the feature space; a spec forcing sample space for them is refused.
+    Feature space costs n D^2 flops for D = sum of widths (symmetric), plus per unit and per
+    pair O(d^3) finishing for the CCA family and Procrustes; sample space n^2 D for the Grams
+    and U^2 n^2 for their inner products, plus O(n^3) per unit and O(n r^2) per pair for those
+    metrics (cluster.gram.sample_space_flops). Sample space needs a unit's Gram task to fit
+    the memory per worker, and has no form for PWCCA or the bootstrap (which resamples
+    feature-space partials); a spec forcing it there is refused.
     """
-    from cluster.gram import STREAMED_SAMPLE_METRICS, sample_space_flops
+    from cluster.gram import BASIS_METRICS, SAMPLE_METRICS, sample_space_flops
 
     space = spec.compute.space
     if spec.compute.bootstrap:
@@ -184,22 +193,63 @@ def choose_space(spec: JobSpec, n: int, widths: list[int], memory: int) -> str:
             raise InputError("compute.bootstrap resamples feature-space partials: use "
                              "space: feature or auto with a bootstrap")
         return "feature"
-    supported = all(m in STREAMED_SAMPLE_METRICS for m in spec.metrics)
-    if space == "sample" and not supported:
-        bad = [m for m in spec.metrics if m not in STREAMED_SAMPLE_METRICS]
+    bad = [m for m in spec.metrics if m not in SAMPLE_METRICS]
+    if space == "sample" and bad:
         raise InputError(
-            f"compute.space is 'sample' but {', '.join(bad)} cannot be finished from Gram "
-            f"inner products (sample space supports {', '.join(STREAMED_SAMPLE_METRICS)}); "
-            "use space: feature or auto"
+            f"compute.space is 'sample' but {', '.join(bad)} has no sample-space form "
+            f"(sample space supports {', '.join(SAMPLE_METRICS)}); use space: feature or auto"
         )
     if space != "auto":
         return space
-    if not supported:
+    if bad:
         return "feature"
+    basis = any(m in BASIS_METRICS for m in spec.metrics)
     feature = float(n) * sum(widths) ** 2
-    # Rows of the widest unit must fit the budget for a Gram tile at all.
-    fits = 4 * n * 2 * max(widths) <= memory // 2
-    return "sample" if fits and sample_space_flops(n, widths) < feature / 2 else "feature"
+    if basis:
+        u = len(widths)
+        feature += sum(10.0 * float(d) ** 3 for d in widths)
+        feature += u * (u + 1) / 2 * 20.0 * float(max(widths)) ** 3
+    fits = sample_unit_bytes(n, max(widths), basis) <= memory
+    return "sample" if fits and sample_space_flops(n, widths, spec.metrics) < feature / 2 \
+        else "feature"
+
+
+def _sample_plan(spec: JobSpec, units, rows, memory: int, workers: int,
+                 node_cpus: int | None, fourth: bool) -> Plan:
+    """Sample space: one task per unit (its Gram), then tiles of unit groups (the pairs).
+
+    A tile task maps the Grams of its two groups (and their eigenvectors): groups hold as
+    many units as fit half the memory per worker. With basis metrics (per-pair SVDs) there
+    are at least two tiles per worker, so the pairs spread over the cluster.
+    """
+    from cluster.gram import BASIS_METRICS
+
+    n = rows[1] - rows[0]
+    count = len(units)
+    basis = any(m in BASIS_METRICS for m in spec.metrics)
+    width = max(u.features for u in units)
+    if sample_unit_bytes(n, width, basis) > memory:
+        raise InputError(
+            f"compute.space is 'sample' but one unit's Gram task ({n:,} rows x {width:,} "
+            f"features) needs {format_bytes(sample_unit_bytes(n, width, basis))}, more than "
+            f"memory_per_worker ({format_bytes(memory)}): use fewer rows or the feature space"
+        )
+    held = 4 * n * n + (8 * n * min(n, width) if basis else 0)  # one unit in a tile task
+    per_group = max(1, (memory - _SLAB_BYTES) // (2 * held))
+    n_groups = math.ceil(count / per_group)
+    if basis:
+        while n_groups < count and n_groups * (n_groups + 1) // 2 < 2 * workers:
+            n_groups += 1
+    groups = make_groups([1] * count, math.ceil(count / n_groups))
+    tiles = tuple((a, b) for a in range(len(groups)) for b in range(a, len(groups)))
+    # Unit tasks: one BLAS thread each when there are units for every worker, else the
+    # workers shared among the units (up to one node's CPUs).
+    cap = min(node_cpus or workers, _MAX_TASK_THREADS)
+    threads = max(1, min(workers // count, cap))
+    return Plan(units=units, groups=groups, tiles=tiles, row_ranges=(rows,), block_rows=n,
+                rows=rows, workers=workers, memory_per_worker=memory, fourth=fourth,
+                precision=spec.compute.precision, space="sample", threads=threads,
+                basis=basis, tile_threads=max(1, min(workers // len(tiles), cap)))
 
 
 def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = None) -> Plan:
@@ -218,18 +268,7 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
     space = choose_space(spec, n, widths, memory)
     fourth = any(METRICS[m].needs_fourth for m in spec.metrics)
     if space == "sample":
-        # A diagonal tile holds one group's float32 rows in half the budget (an off-diagonal
-        # tile two): one group when it fits, as every extra group recomputes its Grams.
-        max_width = max(1, memory // (2 * 4 * n))
-        groups = make_groups(widths, max_width)
-        tiles = tuple((a, b) for a in range(len(groups)) for b in range(a, len(groups)))
-        widest = max(len(groups[a]) + len(groups[b]) for a, b in tiles)
-        slab_rows = int(max(16, min(n, _SLAB_BYTES // (8 * n * widest))))
-        return Plan(units=units, groups=groups, tiles=tiles, row_ranges=(rows,),
-                    block_rows=n, rows=rows, workers=workers, memory_per_worker=memory,
-                    fourth=fourth, precision=spec.compute.precision, space="sample",
-                    slab_rows=slab_rows,
-                    threads=min(workers, node_cpus or workers, _MAX_TASK_THREADS))
+        return _sample_plan(spec, units, rows, memory, workers, node_cpus, fourth)
     max_width = max(1, int(math.sqrt(memory / (8 * _TILE_COPIES))))
     groups = make_groups(widths, max_width)
     tiles = tuple((a, b) for a in range(len(groups)) for b in range(a, len(groups)))

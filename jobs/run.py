@@ -19,6 +19,7 @@ import numpy as np
 from cluster.bootstrap import bootstrap
 from cluster.execute import (
     Checkpoints,
+    GramTask,
     Progress,
     TileTask,
     connect,
@@ -26,7 +27,7 @@ from cluster.execute import (
     run_grams,
     run_tiles,
 )
-from cluster.gram import GramTask, gram_similarity_matrices, gram_slabs
+from cluster.gram import gram_similarity_matrices
 from cluster.metrics import (
     METRICS,
     similarity_matrices,
@@ -99,60 +100,99 @@ def tile_tasks(plan: Plan, store=None) -> dict[tuple[int, int], list[TileTask]]:
     return tasks
 
 
-def gram_tasks(plan: Plan) -> dict[tuple[int, int], list[GramTask]]:
-    """Sample space: every tile's tasks over interleaved row slabs of the Gram triangle. A
-    job of one tile runs as one task with every worker as a BLAS thread (one copy of rows)."""
-    def units(g: int):
-        return tuple((plan.units[i].model, plan.units[i].layer) for i in plan.groups[g])
-
-    slabs = gram_slabs(plan.n_rows, plan.slab_rows)
-    single = len(plan.tiles) == 1
-    splits = 1 if single else max(1, min(len(slabs), -(-2 * plan.workers // len(plan.tiles))))
-    return {
-        (a, b): [
-            GramTask(units(a), None if a == b else units(b), plan.rows[0], plan.rows[1],
-                     tuple(slabs[k::splits]), plan.precision,
-                     threads=plan.threads if single else None)
-            for k in range(splits)
-        ]
-        for a, b in plan.tiles
-    }
+def gram_tasks(plan: Plan) -> list[GramTask]:
+    """Sample space: one task per unit, its Gram over the job's rows."""
+    return [GramTask((u.model, u.layer), plan.rows[0], plan.rows[1], plan.precision,
+                     plan.basis, threads=plan.threads) for u in plan.units]
 
 
 def finalize_sample(plan: Plan, tiles: dict, metrics) -> dict:
-    """Similarity matrices from the tiles' Gram inner products (cluster.gram)."""
+    """(U, U) matrices from the tiles' Gram statistics and per-pair values (cluster.gram)."""
     where = [plan.group_of(i) for i in range(len(plan.units))]
     count = len(plan.units)
     kl, dd, trace = np.zeros((count, count)), np.zeros((count, count)), np.zeros(count)
+    values = {m: np.zeros((count, count)) for m in metrics}
     for i, (gi, pi) in enumerate(where):
         trace[i] = tiles[(gi, gi)].trace_a[pi]
         for j in range(i, count):
             gj, pj = where[j]
             t = tiles[(gi, gj)]
-            kl[i, j] = kl[j, i] = t.kl[pi, pj]
+            kl[i, j] = kl[j, i] = t.kl_off[pi, pj]
             dd[i, j] = dd[j, i] = t.dd[pi, pj]
-    return gram_similarity_matrices(plan.n_rows, kl, dd, trace, metrics)
+            for m, v in t.values.items():
+                values[m][i, j] = values[m][j, i] = v[pi, pj]  # all symmetric metrics
+    values.update(gram_similarity_matrices(plan.n_rows, kl, dd, trace, metrics))
+    return values
+
+
+class TileFinalizer:
+    """Similarity matrices finished tile by tile as tiles arrive, so the driver never holds
+    all of a job's moments (a wide job's tiles together can exceed any one machine).
+
+    A diagonal tile (a, a) gives its units' per-unit work (kept, small next to the moments)
+    and its pairs; an off-diagonal tile (a, b) gives its pairs once both groups' units are
+    prepared, and is held until then. Per-unit eigendecompositions and per-pair SVDs run on
+    ``threads`` threads, one BLAS thread each (cluster.metrics.similarity_matrices).
+    """
+
+    def __init__(self, plan: Plan, metrics, *, svcca_threshold: float, threads: int):
+        self.plan, self.metrics = plan, tuple(metrics)
+        self.svcca_threshold, self.threads = svcca_threshold, threads
+        self.names = [u.label for u in plan.units]
+        self.caches: dict = {}
+        self.held: dict = {}
+        count = len(plan.units)
+        self.out = {m: np.full((count, count), np.nan) for m in self.metrics}
+        self.seconds = 0.0  # spent finishing pairs (overlapping the accumulation)
+
+    def _ready(self, tile) -> bool:
+        return all(i in self.caches for g in tile for i in self.plan.groups[g])
+
+    def add(self, tile: tuple[int, int], moments) -> None:
+        t0 = time.perf_counter()
+        self._add(tile, moments)
+        self.seconds += time.perf_counter() - t0
+
+    def _add(self, tile: tuple[int, int], moments) -> None:
+        a, b = tile
+        if a == b:
+            units = [None] * len(self.plan.units)
+            for pos, i in enumerate(self.plan.groups[a]):
+                units[i] = unit_moments(moments, pos)
+            self._pairs(tile, moments, units)
+            for waiting in [t for t in self.held if self._ready(t)]:
+                self._pairs(waiting, self.held.pop(waiting))
+        elif self._ready(tile):
+            self._pairs(tile, moments)
+        else:
+            self.held[tile] = moments
+
+    def _pairs(self, tile, moments, units=None) -> None:
+        ga, gb = (self.plan.groups[g] for g in tile)
+        pos = {i: k for k, i in enumerate(ga)} | {j: k for k, j in enumerate(gb)}
+        pairs = [(i, j) for i in ga for j in gb if i <= j]
+        mats = similarity_matrices(
+            units or [None] * len(self.plan.units),
+            lambda i, j: pair_moments(moments, pos[i], pos[j]),
+            self.metrics, names=self.names, svcca_threshold=self.svcca_threshold,
+            pairs=pairs, threads=self.threads, caches=self.caches)
+        for m, v in mats.items():
+            done = ~np.isnan(v)
+            self.out[m][done] = v[done]
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.held:
+            raise RuntimeError(f"tiles {sorted(self.held)} arrived without their diagonal tiles")
+        return self.out
 
 
 def finalize(plan: Plan, tiles, metrics, *, svcca_threshold: float, threads: int | None = None):
-    """Similarity matrices from the merged tiles: per-unit work once, then every pair.
-
-    The per-unit eigendecompositions and per-pair SVDs run on ``threads`` threads (default:
-    the plan's workers), one BLAS thread each (cluster.metrics.similarity_matrices).
-    """
-    where = [plan.group_of(i) for i in range(len(plan.units))]
-    units = [unit_moments(tiles[(g, g)], pos) for g, pos in where]
-    names = [u.label for u in plan.units]
-
-    def cross(i: int, j: int):
-        # The driver asks for i <= j only, and groups are consecutive in unit order, so unit
-        # i's group never comes after unit j's: the pair lies in tile (gi, gj).
-        (gi, pi), (gj, pj) = where[i], where[j]
-        return pair_moments(tiles[(gi, gj)], pi, pj)
-
-    return similarity_matrices(units, cross, metrics, names=names,
-                               svcca_threshold=svcca_threshold,
-                               threads=plan.workers if threads is None else threads)
+    """Similarity matrices from all merged tiles at once (the bootstrap's replicates)."""
+    fin = TileFinalizer(plan, metrics, svcca_threshold=svcca_threshold,
+                        threads=plan.workers if threads is None else threads)
+    for tile in sorted(tiles, key=lambda t: t[0] != t[1]):
+        fin.add(tile, tiles[tile])
+    return fin.result()
 
 
 BOOTSTRAP_LEVEL = 0.9
@@ -215,7 +255,8 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
         keys = [t.checkpoint_key for ts in tasks.values() for t in ts if t.checkpoint_key]
     else:
         tasks, keys = gram_tasks(plan), []
-    n_tasks = sum(len(t) for t in tasks.values())
+    n_tasks = (sum(len(t) for t in tasks.values()) if plan.space == "feature"
+               else len(tasks) + len(plan.tiles))
     rows_reused = sum(state.partial_rows(k) for k in keys)
     if rows_reused:
         print(f"resume: {rows_reused:,} task rows of an interrupted run are reused "
@@ -226,30 +267,37 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
         f"worker(s), {plan.precision} GEMMs",
         file=log,
     )
-    progress = Progress(plan.n_rows, "accumulate", stream=log)
+    progress = (Progress(plan.n_rows, "accumulate", stream=log) if plan.space == "feature"
+                else Progress(len(plan.units), "grams", stream=log, unit="units"))
     t_acc = time.perf_counter()
-    parts = None
-    if plan.space == "feature":
-        checkpoints = Checkpoints(state, spec.compute.checkpoint_seconds) if keys else None
-        if spec.compute.bootstrap:
-            parts = run_tiles(store, tasks, progress, checkpoints, keep_parts=True)
-            tiles = {tile: merge_all(ps) for tile, ps in parts.items()}
-        else:
-            tiles = run_tiles(store, tasks, progress, checkpoints)
+    parts = bounds = None
+    finalize_seconds = 0.0  # spent on the driver finishing pairs while tiles accumulate
+    checkpoints = Checkpoints(state, spec.compute.checkpoint_seconds) if keys else None
+    if plan.space == "feature" and spec.compute.bootstrap:
+        parts = run_tiles(store, tasks, progress, checkpoints, keep_parts=True)
+    elif plan.space == "feature":
+        finalizer = TileFinalizer(plan, spec.metrics,
+                                  svcca_threshold=spec.compute.svcca_threshold,
+                                  threads=plan.workers)
+        run_tiles(store, tasks, progress, checkpoints, on_tile=finalizer.add)
+        finalize_seconds = finalizer.seconds
     else:
-        tiles = run_grams(store, tasks)
-        progress(plan.n_rows)
-    accumulate_seconds = time.perf_counter() - t_acc
+        grams = run_grams(store, tasks, plan.groups, plan.tiles, spec.metrics,
+                          svcca_threshold=spec.compute.svcca_threshold, progress=progress,
+                          tile_threads=plan.tile_threads)
+    accumulate_seconds = time.perf_counter() - t_acc - finalize_seconds
     progress.close()
 
     t_fin = time.perf_counter()
-    if plan.space == "feature":
-        matrices = finalize(plan, tiles, spec.metrics,
-                            svcca_threshold=spec.compute.svcca_threshold)
+    if parts is not None:
+        matrices = finalize(plan, {tile: merge_all(ps) for tile, ps in parts.items()},
+                            spec.metrics, svcca_threshold=spec.compute.svcca_threshold)
+    elif plan.space == "feature":
+        matrices = finalizer.result()
     else:
-        matrices = finalize_sample(plan, tiles, spec.metrics)
-    print(f"finalize: {plan.n_pairs} pairs in {time.perf_counter() - t_fin:.1f} s", file=log)
-    bounds = None
+        matrices = finalize_sample(plan, grams, spec.metrics)
+    finalize_seconds += time.perf_counter() - t_fin
+    print(f"finalize: {plan.n_pairs} pairs in {finalize_seconds:.1f} s", file=log)
     if parts is not None:
         t_boot = time.perf_counter()
         bounds = bootstrap_bounds(plan, parts, spec)

@@ -15,7 +15,7 @@ from typing import Any
 from store.activation_store import ActivationStore
 from store.errors import InputError
 from store.ingest import ingest_path
-from store.layout import STORAGE_DTYPES
+from store.layout import STORAGE_DTYPES, format_bytes
 
 
 def register(subparsers: Any) -> None:
@@ -111,18 +111,9 @@ def _ingest(args: argparse.Namespace) -> int:
         converted = "" if info.source_dtype == info.dtype else f" (from {info.source_dtype})"
         print(
             f"{info.model}/{info.layer}: {info.rows} x {info.features} {info.dtype}{converted}, "
-            f"{_size(info.nbytes)}"
+            f"{format_bytes(info.nbytes)}"
         )
     return 0
-
-
-def _size(nbytes: int) -> str:
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"  # pragma: no cover - loop always returns
 
 
 def describe(store: ActivationStore) -> dict:
@@ -161,7 +152,7 @@ def _inspect(args: argparse.Namespace) -> int:
             str(u["features"]),
             u["dtype"],
             u["source_dtype"],
-            _size(u["nbytes"]),
+            format_bytes(u["nbytes"]),
             f"{u['chunk_rows']} rows",
             f"{u['shard_rows']} rows",
         )

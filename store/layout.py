@@ -140,3 +140,13 @@ class ContentHash:
         h = self._h.copy()
         h.update(f"\nrows={self.rows}".encode())
         return h.hexdigest()
+
+
+def format_bytes(nbytes: int) -> str:
+    """A size for people: "512 B", "3.5 MiB", "37.3 GiB"."""
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

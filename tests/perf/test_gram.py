@@ -8,12 +8,10 @@ import pytest
 from cluster.compare import compare_arrays
 from cluster.gram import (
     SAMPLE_METRICS,
-    GramTask,
     gram_similarity_matrices,
-    gram_slabs,
     gram_tile,
-    merge_gram_stats,
     sample_space_metrics,
+    unit_gram,
 )
 from cluster.metrics import similarity_matrices
 from cluster.moments import block_moments, pair_moments, unit_moments
@@ -47,40 +45,49 @@ def test_pwcca_is_refused_in_sample_space():
         sample_space_metrics(x, x, ["pwcca"])
 
 
-class _MemoryStore:
-    def __init__(self, data):
-        self.data = data
-
-    def read(self, model, layer, start=0, stop=None):
-        return self.data[(model, layer)][start:stop].astype(np.float32)
-
-
-@pytest.mark.parametrize("precision", ["float32", "float64"])
-def test_streamed_gram_tiles_equal_feature_space_matrices(precision):
+@pytest.mark.filterwarnings("ignore::cluster.metrics.FewRowsWarning")
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-9), (np.float32, 1e-6)])
+def test_streamed_gram_tiles_equal_feature_space_matrices(dtype, tol):
+    """The job path (a Gram per unit, tiles of unit groups) equals feature space, float64."""
     rows = 250
     acts = _layers(rows, [70, 50, 80], 3) + _layers(rows, [60, 90], 4)
     acts = [a.astype(np.float32) for a in acts]
-    units = tuple((f"m{i // 3}", f"l{i}") for i in range(len(acts)))
-    store = _MemoryStore(dict(zip(units, acts, strict=True)))
-    a, b = units[:2], units[2:]
-    slabs = gram_slabs(rows, 64)
-
-    def tile(ua, ub):
-        # Two tasks over interleaved slabs, merged: as the job path splits them.
-        parts = [gram_tile(store, GramTask(ua, ub, 0, rows, tuple(slabs[k::2]), precision))
-                 for k in range(2)]
-        return merge_gram_stats(*parts)
-
-    aa, ab, bb = tile(a, None), tile(a, b), tile(b, None)
-    kl = np.block([[aa.kl, ab.kl], [ab.kl.T, bb.kl]])
+    grams = [unit_gram(x, dtype=dtype, basis=True, name=f"u{i}") for i, x in enumerate(acts)]
+    a, b = grams[:2], grams[2:]
+    metrics = list(SAMPLE_METRICS)
+    aa, ab, bb = gram_tile(a, None, metrics), gram_tile(a, b, metrics), gram_tile(b, None, metrics)
+    kl = np.block([[aa.kl_off, ab.kl_off], [ab.kl_off.T, bb.kl_off]])
     dd = np.block([[aa.dd, ab.dd], [ab.dd.T, bb.dd]])
     trace = np.concatenate([aa.trace_a, bb.trace_a])
-    metrics = ["linear_cka", "linear_cka_debiased"]
     got = gram_similarity_matrices(rows, kl, dd, trace, metrics)
+    for m in aa.values:
+        upper = np.block([[aa.values[m], ab.values[m]], [np.zeros((3, 2)), bb.values[m]]])
+        got[m] = np.triu(upper) + np.triu(upper, 1).T
 
     z = np.hstack([x.astype(np.float64) for x in acts])
     mom = block_moments(z, widths_a=[x.shape[1] for x in acts], fourth=True)
     want = similarity_matrices([unit_moments(mom, i) for i in range(len(acts))],
                                lambda i, j: pair_moments(mom, i, j), metrics)
     for m in metrics:
-        np.testing.assert_allclose(got[m], want[m], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(got[m], want[m], atol=tol, rtol=0, err_msg=m)
+
+
+def test_float32_grams_keep_debiased_cka_digits():
+    """Large offsets and n << d: the diagonal dominates <K, L>; debiased CKA, which removes
+    it, still matches float64 to 1e-6 because the diagonal is kept apart in float64."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((200, 3000)).astype(np.float32) + 50.0
+    y = (x[:, :1500] @ rng.standard_normal((1500, 2000)).astype(np.float32) * 0.01
+         + rng.standard_normal((200, 2000)).astype(np.float32))
+    metrics = ["linear_cka", "linear_cka_debiased"]
+    exact = sample_space_metrics(x.astype(np.float64), y.astype(np.float64), metrics)
+    g32 = [unit_gram(v, dtype=np.float32) for v in (x, y)]
+    t = gram_tile(g32, None, metrics)
+    got = gram_similarity_matrices(200, t.kl_off, t.dd, t.trace_a, metrics)
+    for m in metrics:
+        assert got[m][0, 1] == pytest.approx(exact[m], abs=1e-6), m
+
+
+def test_zero_variance_unit_is_named():
+    with pytest.raises(InputError, match="unit 'm/l3' has zero variance"):
+        unit_gram(np.ones((10, 4), np.float32), name="m/l3")

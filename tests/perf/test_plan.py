@@ -50,18 +50,28 @@ def test_many_rows_pick_feature_space():
     assert plan.space == "feature"
 
 
-def test_metrics_without_streamed_sample_form_keep_feature_space():
-    plan = make_plan(_spec(["linear_cka", "procrustes"]), _MetaStore(4, 16, 2048, 4000),
-                     workers=2)
+def test_pwcca_keeps_feature_space():
+    plan = make_plan(_spec(["linear_cka", "pwcca"]), _MetaStore(4, 16, 2048, 4000), workers=2)
     assert plan.space == "feature"
+
+
+def test_basis_metrics_go_to_sample_space_when_rows_are_few():
+    """CCA and Procrustes cost O(n^3) per unit in sample space and O(d^3) in feature space:
+    few rows and wide layers pick samples, and the pairs spread over >= 2 tiles per worker."""
+    store = _MetaStore(4, 4, 2048, 500)
+    plan = make_plan(_spec(["mean_cca", "procrustes"]), store, workers=2)
+    assert plan.space == "sample" and plan.basis
+    assert len(plan.tiles) >= 4
+    many = _MetaStore(4, 4, 2048, 20_000)
+    assert make_plan(_spec(["mean_cca", "procrustes"]), many, workers=2).space == "feature"
 
 
 def test_spec_can_force_either_space():
     store = _MetaStore(4, 16, 2048, 4000)
     assert make_plan(_spec(["linear_cka"], space="feature"), store, workers=2).space == "feature"
-    big = _MetaStore(2, 2, 64, 100_000)
+    big = _MetaStore(2, 2, 64, 10_000)
     assert make_plan(_spec(["linear_cka"], space="sample"), big, workers=2).space == "sample"
-    with pytest.raises(InputError, match="pwcca cannot be finished from Gram"):
+    with pytest.raises(InputError, match="pwcca has no sample-space form"):
         make_plan(_spec(["pwcca"], space="sample"), store, workers=2)
 
 
@@ -79,6 +89,13 @@ def test_memory_budget_forces_tiles_instead_of_failing(space):
         if space == "feature":
             assert 8 * wa * wb <= 512 << 20
         else:
-            assert 4 * store.n_rows * (wa + wb) <= 512 << 20
+            units = len(tight.groups[a]) + (0 if a == b else len(tight.groups[b]))
+            assert units * 4 * store.n_rows**2 + (128 << 20) <= 512 << 20
     groups = [set(g) for g in tight.groups]
     assert sorted(np.concatenate([list(g) for g in groups])) == list(range(64))
+
+
+def test_sample_space_refuses_a_unit_larger_than_the_budget():
+    with pytest.raises(InputError, match="one unit's Gram task .* memory_per_worker"):
+        make_plan(_spec(["linear_cka"], space="sample", memory_per_worker="64MiB"),
+                  _MetaStore(1, 2, 2048, 4000), workers=2)

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 
+from cluster.gram import SAMPLE_METRICS
 from jobs.results import open_results
 from jobs.run import run_job
 from jobs.spec import spec_from_dict
@@ -22,22 +23,27 @@ def ray_session():
         ray.shutdown()
 
 
-@pytest.mark.parametrize("memory", [None, "1MiB"])
+@pytest.mark.parametrize("memory", [None, "4MiB"])
 def test_sample_space_job_equals_feature_space(tmp_path, ray_session, memory):
     url = str(tmp_path / "acts.zarr")
-    make_store(url, {"a": [90, 120, 70], "b": [110, 60]}, rows=80)
-    metrics = ["linear_cka", "linear_cka_debiased"]
+    make_store(url, {"a": [90, 120, 70], "b": [110, 60]}, rows=300)
+    metrics = list(SAMPLE_METRICS)  # all but PWCCA
     out = {}
-    for space in ("feature", "sample"):
-        compute = {"space": space, "workers": 2}
+    runs = {"feature": ("feature", "float64"), "sample": ("sample", "float64"),
+            "sample32": ("sample", "float32")}
+    for name, (space, precision) in runs.items():
+        compute = {"space": space, "workers": 2, "precision": precision}
         if memory:
             compute["memory_per_worker"] = memory  # several tiles in either space
         spec = spec_from_dict({"store": url, "metrics": metrics, "compute": compute,
-                               "output": str(tmp_path / f"{space}.zarr")})
+                               "output": str(tmp_path / f"{name}.zarr")})
         log = io.StringIO()
         run_job(spec, log=log)
         assert f"{space} space" in log.getvalue()
-        out[space] = open_results(str(tmp_path / f"{space}.zarr"))
+        out[name] = open_results(str(tmp_path / f"{name}.zarr"))
     for m in metrics:
+        # float64 GEMMs: the two spaces are the same numbers; float32 Grams stay within 1e-6.
         np.testing.assert_allclose(out["sample"][m].values, out["feature"][m].values,
-                                   atol=1e-6, rtol=0)
+                                   atol=1e-9, rtol=0, err_msg=m)
+        np.testing.assert_allclose(out["sample32"][m].values, out["feature"][m].values,
+                                   atol=1e-6, rtol=0, err_msg=m)
