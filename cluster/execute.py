@@ -46,6 +46,9 @@ class TileTask:
     precision: str
     threads: int | None = None  # BLAS threads (and Ray CPUs) of the task; None: 1
     checkpoint_key: str | None = None  # where the task saves its progress (see Checkpoints)
+    # Save the finished task's moments too: only worth it when the tile waits for sibling
+    # row-range tasks; a tile of one task is finished (and saved small) right away.
+    save_result: bool = True
 
     @property
     def rows(self) -> int:
@@ -80,8 +83,9 @@ class Checkpoints:
 
     state: any object with put_partial(key, moments) and get_partial(key) (jobs.state
     StateStore). A task saves the moments of the rows it has done at least every `seconds`
-    and when it finishes; a task that finds a saved partial continues after its rows (the
-    partial's n), so a rerun after a crash or a retried task recomputes only the rest.
+    and, if its `save_result`, when it finishes; a task that finds a saved partial continues
+    after its rows (the partial's n), so a rerun after a crash or a retried task recomputes
+    only the rest.
     """
 
     state: object
@@ -114,7 +118,8 @@ def _accumulate_checkpointed(store, task: TileTask, checkpoints: Checkpoints) ->
             last = time.monotonic()
 
     total = with_saved(_accumulate_tile(store, replace(task, start=task.start + done), on_block))
-    checkpoints.state.put_partial(key, total)
+    if task.save_result:
+        checkpoints.state.put_partial(key, total)
     return total
 
 

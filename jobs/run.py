@@ -30,6 +30,7 @@ from cluster.execute import (
 from cluster.gram import gram_similarity_matrices
 from cluster.metrics import (
     METRICS,
+    UnitCache,
     similarity_matrices,
 )
 from cluster.moments import merge_all, pair_moments, unit_moments
@@ -58,6 +59,7 @@ class RunSummary:
     gemm_flops: float
     accumulate_seconds: float
     rows_reused: int = 0  # rows of checkpointed partials loaded instead of recomputed
+    tiles_reused: int = 0  # tiles an interrupted run had finished, restored not recomputed
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -94,6 +96,7 @@ def tile_tasks(plan: Plan, store=None) -> dict[tuple[int, int], list[TileTask]]:
                 precision=plan.precision,
                 threads=plan.threads if plan.threads > 1 else None,
                 checkpoint_key=key(a, b, start, stop),
+                save_result=len(plan.row_ranges) > 1,
             )
             for start, stop in plan.row_ranges
         ]
@@ -125,6 +128,19 @@ def finalize_sample(plan: Plan, tiles: dict, metrics) -> dict:
     return values
 
 
+@dataclass(frozen=True)
+class TileValues:
+    """A finished tile's matrix entries, saved so that a rerun after a crash reuses them.
+
+    ab : ndarray (metrics, k_a, k_b), value(unit of group a, unit of group b); ba : ndarray
+    (metrics, k_b, k_a), the other direction (they differ for PWCCA only).
+    """
+
+    metrics: tuple[str, ...]
+    ab: np.ndarray
+    ba: np.ndarray
+
+
 class TileFinalizer:
     """Similarity matrices finished tile by tile as tiles arrive, so the driver never holds
     all of a job's moments (a wide job's tiles together can exceed any one machine).
@@ -135,8 +151,10 @@ class TileFinalizer:
     ``threads`` threads, one BLAS thread each (cluster.metrics.similarity_matrices).
     """
 
-    def __init__(self, plan: Plan, metrics, *, svcca_threshold: float, threads: int):
+    def __init__(self, plan: Plan, metrics, *, svcca_threshold: float, threads: int,
+                 on_done=None):
         self.plan, self.metrics = plan, tuple(metrics)
+        self.on_done = on_done  # on_done(tile) once a tile's entries are all in
         self.svcca_threshold, self.threads = svcca_threshold, threads
         self.names = [u.label for u in plan.units]
         self.caches: dict = {}
@@ -144,6 +162,8 @@ class TileFinalizer:
         count = len(plan.units)
         self.out = {m: np.full((count, count), np.nan) for m in self.metrics}
         self.seconds = 0.0  # spent finishing pairs (overlapping the accumulation)
+        self.done: set = set()  # tiles whose entries are all in
+        self.restored = 0  # of which restored from an earlier run
 
     def _ready(self, tile) -> bool:
         return all(i in self.caches for g in tile for i in self.plan.groups[g])
@@ -167,6 +187,22 @@ class TileFinalizer:
         else:
             self.held[tile] = moments
 
+    def restore(self, tile: tuple[int, int], values: TileValues, caches: dict) -> None:
+        """A tile finished by an earlier run: its entries, and a diagonal tile's caches."""
+        ga, gb = (list(self.plan.groups[g]) for g in tile)
+        for k, m in enumerate(values.metrics):
+            self.out[m][np.ix_(ga, gb)] = values.ab[k]
+            self.out[m][np.ix_(gb, ga)] = values.ba[k]
+        self.caches.update(caches)
+        self.done.add(tile)
+        self.restored += 1
+
+    def tile_values(self, tile: tuple[int, int]) -> TileValues:
+        ga, gb = (list(self.plan.groups[g]) for g in tile)
+        return TileValues(self.metrics,
+                          np.stack([self.out[m][np.ix_(ga, gb)] for m in self.metrics]),
+                          np.stack([self.out[m][np.ix_(gb, ga)] for m in self.metrics]))
+
     def _pairs(self, tile, moments, units=None) -> None:
         ga, gb = (self.plan.groups[g] for g in tile)
         pos = {i: k for k, i in enumerate(ga)} | {j: k for k, j in enumerate(gb)}
@@ -179,11 +215,62 @@ class TileFinalizer:
         for m, v in mats.items():
             done = ~np.isnan(v)
             self.out[m][done] = v[done]
+        self.done.add(tile)
+        if self.on_done:
+            self.on_done(tile)
 
     def result(self) -> dict[str, np.ndarray]:
         if self.held:
             raise RuntimeError(f"tiles {sorted(self.held)} arrived without their diagonal tiles")
         return self.out
+
+
+def _finish_tiles(spec: JobSpec, plan: Plan, store, state: StateStore, tasks: dict, progress,
+                  checkpoints, log) -> tuple[TileFinalizer, dict[str, list[str]]]:
+    """Feature space: run the tiles and finish each one as it arrives (TileFinalizer).
+
+    With checkpoints, a finished tile's entries (and a diagonal tile's per-unit caches) are
+    saved and its task partials removed at once, so the state never holds a whole job's
+    moments; a rerun restores finished tiles instead of running them. Returns the finalizer
+    and the state keys to remove once the result is written.
+    """
+    fin = TileFinalizer(plan, spec.metrics, svcca_threshold=spec.compute.svcca_threshold,
+                        threads=plan.workers)
+    tile_keys = {} if checkpoints is None else {
+        tile: digest([t.checkpoint_key for t in ts], spec.metrics, spec.compute.svcca_threshold)
+        for tile, ts in tasks.items()
+    }
+
+    def cache_key(tile, unit: int) -> str:
+        return digest(tile_keys[tile], unit)
+
+    for tile, key in tile_keys.items():
+        values = state.get("tiles", key, TileValues)
+        caches = {}
+        if values is not None and tile[0] == tile[1]:
+            caches = {i: state.get("caches", cache_key(tile, i), UnitCache)
+                      for i in plan.groups[tile[0]]}
+        if values is not None and None not in caches.values():
+            fin.restore(tile, values, caches)
+    if fin.restored:
+        print(f"resume: {fin.restored} finished tile(s) of an interrupted run are reused",
+              file=log)
+
+    def done(tile) -> None:
+        state.put("tiles", tile_keys[tile], fin.tile_values(tile))
+        if tile[0] == tile[1]:
+            for i in plan.groups[tile[0]]:
+                state.put("caches", cache_key(tile, i), fin.caches[i])
+        state.remove_partials([t.checkpoint_key for t in tasks[tile]])
+
+    if tile_keys:
+        fin.on_done = done
+    todo = {tile: ts for tile, ts in tasks.items() if tile not in fin.done}
+    run_tiles(store, todo, progress, checkpoints, on_tile=fin.add)
+    cleanup = {"tiles": list(tile_keys.values()),
+               "caches": [cache_key(t, i) for t in tile_keys if t[0] == t[1]
+                          for i in plan.groups[t[0]]]}
+    return fin, cleanup
 
 
 def finalize(plan: Plan, tiles, metrics, *, svcca_threshold: float, threads: int | None = None):
@@ -271,15 +358,14 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
                 else Progress(len(plan.units), "grams", stream=log, unit="units"))
     t_acc = time.perf_counter()
     parts = bounds = None
+    tiles_reused, done_keys = 0, {}
     finalize_seconds = 0.0  # spent on the driver finishing pairs while tiles accumulate
     checkpoints = Checkpoints(state, spec.compute.checkpoint_seconds) if keys else None
     if plan.space == "feature" and spec.compute.bootstrap:
         parts = run_tiles(store, tasks, progress, checkpoints, keep_parts=True)
     elif plan.space == "feature":
-        finalizer = TileFinalizer(plan, spec.metrics,
-                                  svcca_threshold=spec.compute.svcca_threshold,
-                                  threads=plan.workers)
-        run_tiles(store, tasks, progress, checkpoints, on_tile=finalizer.add)
+        finalizer, done_keys = _finish_tiles(spec, plan, store, state, tasks, progress,
+                                             checkpoints, log)
         finalize_seconds = finalizer.seconds
     else:
         grams = run_grams(store, tasks, plan.groups, plan.tiles, spec.metrics,
@@ -294,6 +380,7 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
                             spec.metrics, svcca_threshold=spec.compute.svcca_threshold)
     elif plan.space == "feature":
         matrices = finalizer.result()
+        tiles_reused = finalizer.restored
     else:
         matrices = finalize_sample(plan, grams, spec.metrics)
     finalize_seconds += time.perf_counter() - t_fin
@@ -318,7 +405,10 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
         bounds=bounds,
     )
     write_results(ds, spec.output, spec.storage_options)
-    state.remove_partials(keys)  # the result is safe: checkpoints have done their work
+    # The result is safe: checkpoints have done their work.
+    state.remove_partials(keys)
+    for kind, done in done_keys.items():
+        state.remove(kind, done)
     print(f"results: {redact(spec.output)}", file=log)
     return RunSummary(
         output=redact(spec.output),
@@ -334,4 +424,5 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
         gemm_flops=plan.gemm_flops(),
         accumulate_seconds=round(accumulate_seconds, 3),
         rows_reused=rows_reused,
+        tiles_reused=tiles_reused,
     )

@@ -8,6 +8,10 @@ nightly run recompute only what changed.
 - `units/<key>.npz`: per-unit moments (mean, centered X'X) keyed by the unit's content, so a
   nightly run can finish pairs of an unchanged unit with a new one without a second pass
   over the unchanged unit.
+- `tiles/<key>.npz` and `caches/<key>.npz`: a finished tile's matrix entries and, for a
+  diagonal tile, its units' per-unit work: what a rerun after a crash reuses once the tile's
+  partials are gone (they are removed as soon as the tile is finished, so the state never
+  holds the moments of a whole job).
 - `history/<time>.zarr`: a snapshot of each nightly result, for trends.
 
 Every object is written under a temporary name and moved into place, so a reader never
@@ -46,6 +50,8 @@ def encode(obj: Any) -> bytes:
         value = getattr(obj, field.name)
         if isinstance(value, np.ndarray):
             arrays[field.name] = value
+        elif isinstance(value, np.generic):
+            plain[field.name] = value.item()
         else:
             plain[field.name] = value
     buffer = io.BytesIO()
@@ -132,6 +138,12 @@ class StateStore:
                 path = self._path("partials", key)[: -len(".npz")] + suffix
                 if self.fs.exists(path):
                     self.fs.rm(path)
+
+    def remove(self, kind: str, keys) -> None:
+        for key in keys:
+            path = self._path(kind, key)
+            if self.fs.exists(path):
+                self.fs.rm(path)
 
     def history_url(self, stamp: str) -> str:
         return f"{state_url(self.output)}/history/{stamp}.zarr"

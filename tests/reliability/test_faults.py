@@ -160,7 +160,7 @@ def test_driver_killed_then_rerun_resumes(cluster, job):
     lock = job / "driver-killed.zarr.lock"  # the killed driver's lock: same host, dead pid
     assert lock.exists()
     summary = finish(start_run(cluster, path))
-    assert summary["rows_reused"] > 0
+    assert summary["rows_reused"] + summary["tiles_reused"] > 0
     assert_same(job / "undisturbed.zarr", job / "driver-killed.zarr")
     assert not list(partials.glob("*.npz"))  # removed once the result is written
     assert not lock.exists()
