@@ -411,6 +411,7 @@ class Progress:
                  unit: str = "rows"):
         self.total = max(1, total_rows)
         self.unit = unit
+        self.closed = False
         self.done = 0.0
         self.label = label
         self.stream = stream or sys.stderr
@@ -435,6 +436,10 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
+        """The stage's summary line (once; later calls do nothing)."""
+        if self.closed:
+            return
+        self.closed = True
         elapsed = time.perf_counter() - self.t0
         if self.live:
             self.stream.write("\n")

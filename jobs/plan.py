@@ -68,6 +68,7 @@ class Plan:
     threads: int = 1  # BLAS threads per task (Ray CPUs it asks for)
     basis: bool = False  # sample space: per-unit Gram eigenpairs (CCA family, Procrustes)
     tile_threads: int = 1  # sample space: BLAS threads of each tile task
+    stream_tiles: bool = False  # feature space: finish tiles as they arrive (jobs.run)
 
     @property
     def n_rows(self) -> int:
@@ -311,6 +312,11 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
                              f"per shard; the job has {n} rows")
     edges = [rows[0] + (n * k) // splits for k in range(splits + 1)]
     row_ranges = tuple((edges[k], edges[k + 1]) for k in range(splits))
+    # The driver finishes tiles after the accumulation, with every CPU, while the job's
+    # moments take under a quarter of its memory; beyond, it finishes each tile as it
+    # arrives and lets it go (that work then competes with the accumulation for CPUs).
+    moments = sum(8 * sum(units[i].features for i in groups[a])
+                  * sum(units[i].features for i in groups[b]) for a, b in tiles)
     return Plan(
         units=units,
         groups=groups,
@@ -323,4 +329,5 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
         fourth=fourth,
         precision=spec.compute.precision,
         threads=threads,
+        stream_tiles=moments > default_memory_per_worker(1) // 2,
     )

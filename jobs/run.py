@@ -96,7 +96,8 @@ def tile_tasks(plan: Plan, store=None) -> dict[tuple[int, int], list[TileTask]]:
                 precision=plan.precision,
                 threads=plan.threads if plan.threads > 1 else None,
                 checkpoint_key=key(a, b, start, stop),
-                save_result=len(plan.row_ranges) > 1,
+                # A streamed tile of one task is finished (and saved small) at once.
+                save_result=len(plan.row_ranges) > 1 or not plan.stream_tiles,
             )
             for start, stop in plan.row_ranges
         ]
@@ -213,8 +214,8 @@ class TileFinalizer:
             self.metrics, names=self.names, svcca_threshold=self.svcca_threshold,
             pairs=pairs, threads=self.threads, caches=self.caches)
         for m, v in mats.items():
-            done = ~np.isnan(v)
-            self.out[m][done] = v[done]
+            filled = ~np.isnan(v)
+            self.out[m][filled] = v[filled]
         self.done.add(tile)
         if self.on_done:
             self.on_done(tile)
@@ -227,12 +228,14 @@ class TileFinalizer:
 
 def _finish_tiles(spec: JobSpec, plan: Plan, store, state: StateStore, tasks: dict, progress,
                   checkpoints, log) -> tuple[TileFinalizer, dict[str, list[str]]]:
-    """Feature space: run the tiles and finish each one as it arrives (TileFinalizer).
+    """Feature space: run the tiles and finish them (TileFinalizer): each one as it arrives
+    when the plan streams tiles (the job's moments are too large to hold), else all of them
+    after the accumulation, when the finishing has every CPU to itself.
 
     With checkpoints, a finished tile's entries (and a diagonal tile's per-unit caches) are
-    saved and its task partials removed at once, so the state never holds a whole job's
-    moments; a rerun restores finished tiles instead of running them. Returns the finalizer
-    and the state keys to remove once the result is written.
+    saved and its task partials removed, so the state never holds a whole job's moments
+    after its tiles are finished; a rerun restores finished tiles instead of running them.
+    Returns the finalizer and the state keys to remove once the result is written.
     """
     fin = TileFinalizer(plan, spec.metrics, svcca_threshold=spec.compute.svcca_threshold,
                         threads=plan.workers)
@@ -266,7 +269,14 @@ def _finish_tiles(spec: JobSpec, plan: Plan, store, state: StateStore, tasks: di
     if tile_keys:
         fin.on_done = done
     todo = {tile: ts for tile, ts in tasks.items() if tile not in fin.done}
-    run_tiles(store, todo, progress, checkpoints, on_tile=fin.add)
+    if plan.stream_tiles:
+        run_tiles(store, todo, progress, checkpoints, on_tile=fin.add)
+        progress.close()
+    else:
+        merged = run_tiles(store, todo, progress, checkpoints)
+        progress.close()
+        for tile in sorted(merged, key=lambda t: t[0] != t[1]):
+            fin.add(tile, merged.pop(tile))
     cleanup = {"tiles": list(tile_keys.values()),
                "caches": [cache_key(t, i) for t in tile_keys if t[0] == t[1]
                           for i in plan.groups[t[0]]]}
@@ -359,7 +369,7 @@ def _run_locked(spec: JobSpec, store, *, address, overwrite, log, t0) -> RunSumm
     t_acc = time.perf_counter()
     parts = bounds = None
     tiles_reused, done_keys = 0, {}
-    finalize_seconds = 0.0  # spent on the driver finishing pairs while tiles accumulate
+    finalize_seconds = 0.0  # finishing pairs inside the accumulation stage (feature space)
     checkpoints = Checkpoints(state, spec.compute.checkpoint_seconds) if keys else None
     if plan.space == "feature" and spec.compute.bootstrap:
         parts = run_tiles(store, tasks, progress, checkpoints, keep_parts=True)

@@ -8,10 +8,13 @@ import io
 import numpy as np
 import pytest
 
+import jobs.plan
 import jobs.run
+from jobs.plan import make_plan
 from jobs.results import open_results
 from jobs.run import run_job
 from jobs.spec import spec_from_dict
+from store import ActivationStore
 from tests.jobs.conftest import make_store
 
 METRICS = ["linear_cka", "linear_cka_debiased", "pwcca", "procrustes"]
@@ -31,11 +34,16 @@ def _spec(tmp_path, name):
     })
 
 
+@pytest.mark.parametrize("stream", [False, True])
 def test_a_crash_keeps_finished_tiles_small_and_the_rerun_restores_them(
-        tmp_path, embedded_ray, monkeypatch):
+        tmp_path, embedded_ray, monkeypatch, stream):
     make_store(str(tmp_path / "acts.zarr"), {"a": [12, 9, 7], "b": [10, 8]}, rows=600)
     baseline = run_job(_spec(tmp_path, "baseline"), log=io.StringIO())
     assert baseline.tiles >= 6
+    if stream:  # as if the job's moments were too large for the driver to hold at once
+        monkeypatch.setattr(jobs.plan, "default_memory_per_worker", lambda workers: 1024)
+    assert make_plan(_spec(tmp_path, "x"), ActivationStore.open(str(tmp_path / "acts.zarr")),
+                     workers=2).stream_tiles == stream
 
     # The driver dies after finishing three tiles.
     real_add = jobs.run.TileFinalizer._add
