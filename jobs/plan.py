@@ -21,9 +21,11 @@ from store.layout import format_bytes
 
 # Per tile a task holds the float64 accumulator, the block product and a merge temporary.
 _TILE_COPIES = 3
-# float32 input rows per GEMM block, per tile (both groups): large blocks keep the GEMMs at
-# BLAS peak and make the per-block d_a x d_b accumulator addition negligible next to them.
-_BLOCK_BYTES = 256 << 20
+# float32 input rows per GEMM block of a tile (the group read once on a diagonal tile, both
+# groups otherwise): large blocks keep the GEMMs at BLAS peak and make the per-block
+# d_a x d_b accumulator addition small next to them (W2's first 20,000 rows: 2,184-row
+# blocks 38.3 s, 4,369 36.6 s, 8,192 35.0 s of accumulation).
+_BLOCK_BYTES = 512 << 20
 _MIN_BLOCK_ROWS = 2048
 # Sample space: gram_products' float64 slab buffers (cluster.gram._SLAB_BYTES).
 _SLAB_BYTES = 128 << 20
@@ -51,7 +53,7 @@ class Plan:
     groups: unit indices of each column group, consecutive and in unit order.
     tiles: (group a, group b) with a <= b; every unit pair (i <= j) lies in exactly one.
     row_ranges: [start, stop) of each task's rows; together they cover rows once.
-    block_rows: rows per GEMM inside a task.
+    block_rows: rows per GEMM inside a task of the widest tile (see tile_block_rows).
     """
 
     units: tuple[PlannedUnit, ...]
@@ -68,6 +70,7 @@ class Plan:
     threads: int = 1  # BLAS threads per task (Ray CPUs it asks for)
     basis: bool = False  # sample space: per-unit Gram eigenpairs (CCA family, Procrustes)
     tile_threads: int = 1  # sample space: BLAS threads of each tile task
+    block_bytes: int = 0  # feature space: input bytes per block (0: block_rows everywhere)
     stream_tiles: bool = False  # feature space: finish tiles as they arrive (jobs.run)
 
     @property
@@ -88,6 +91,15 @@ class Plan:
 
     def widths(self, group: int) -> tuple[int, ...]:
         return tuple(self.units[u].features for u in self.groups[group])
+
+    def tile_block_rows(self, a: int, b: int) -> int:
+        """Rows per GEMM block of tile (a, b): the same bytes per block for every tile, so a
+        diagonal tile (one group read) takes blocks of twice the rows of an off-diagonal one
+        of the same groups' width. A spec's block_rows applies to every tile."""
+        if not self.block_bytes:
+            return self.block_rows
+        width = sum(self.widths(a)) + (0 if a == b else sum(self.widths(b)))
+        return _block_rows(self.block_bytes, width)
 
     def gemm_flops(self) -> float:
         """Multiply-add flops (2 per MAC) of the accumulation: symmetric tiles counted half.
@@ -275,12 +287,13 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
     tiles = tuple((a, b) for a in range(len(groups)) for b in range(a, len(groups)))
 
     widest_tile = max(
-        sum(units[i].features for i in groups[a]) + sum(units[i].features for i in groups[b])
+        sum(units[i].features for i in groups[a])
+        + (0 if a == b else sum(units[i].features for i in groups[b]))
         for a, b in tiles
     )
-    block_rows = spec.compute.block_rows or int(
-        min(_MAX_BLOCK_ROWS, max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // (4 * widest_tile)))
-    )
+    # A block and the next one (prefetched) in at most half the memory per worker.
+    block_bytes = min(_BLOCK_BYTES, memory // 4)
+    block_rows = spec.compute.block_rows or _block_rows(block_bytes, widest_tile)
     # Few tiles (fewer than two per worker): tasks of several BLAS threads (up to one
     # machine's worth). On 2 cores that is one task per tile with both cores, tiles one after
     # another: one accumulator in memory, no idle worker at the end (faster than a task per
@@ -330,4 +343,9 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
         precision=spec.compute.precision,
         threads=threads,
         stream_tiles=moments > default_memory_per_worker(1) // 2,
+        block_bytes=0 if spec.compute.block_rows else block_bytes,
     )
+
+
+def _block_rows(block_bytes: int, width: int) -> int:
+    return int(min(_MAX_BLOCK_ROWS, max(_MIN_BLOCK_ROWS, block_bytes // (4 * width))))

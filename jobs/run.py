@@ -79,7 +79,7 @@ def tile_tasks(plan: Plan, store=None) -> dict[tuple[int, int], list[TileTask]]:
             return None
         content = [store.unit_info(m, layer).fingerprint for m, layer in units(a) + units(b)]
         return digest(store.row_fingerprint, units(a), units(b), content, start, stop,
-                      plan.block_rows, plan.precision, plan.fourth)
+                      plan.tile_block_rows(a, b), plan.precision, plan.fourth)
 
     tasks = {}
     for a, b in plan.tiles:
@@ -91,7 +91,7 @@ def tile_tasks(plan: Plan, store=None) -> dict[tuple[int, int], list[TileTask]]:
                 widths_b=None if a == b else plan.widths(b),
                 start=start,
                 stop=stop,
-                block_rows=plan.block_rows,
+                block_rows=plan.tile_block_rows(a, b),
                 fourth=plan.fourth,
                 precision=plan.precision,
                 threads=plan.threads if plan.threads > 1 else None,
