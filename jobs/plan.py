@@ -286,11 +286,9 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
     groups = make_groups(widths, max_width)
     tiles = tuple((a, b) for a in range(len(groups)) for b in range(a, len(groups)))
 
-    widest_tile = max(
-        sum(units[i].features for i in groups[a])
-        + (0 if a == b else sum(units[i].features for i in groups[b]))
-        for a, b in tiles
-    )
+    width = [sum(units[i].features for i in g) for g in groups]
+    widest_tile = max(width[a] + (0 if a == b else width[b]) for a, b in tiles)
+    tile_sizes = [8 * width[a] * width[b] for a, b in tiles]  # float64 moments of each tile
     # A block and the next one (prefetched) in at most half the memory per worker.
     block_bytes = min(_BLOCK_BYTES, memory // 4)
     block_rows = spec.compute.block_rows or _block_rows(block_bytes, widest_tile)
@@ -300,8 +298,7 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
     # CPU, docs/performance.md). Tiles are split into row ranges (partials merged exactly)
     # only while all the partials together stay under _PARTIAL_BYTES: whatever the rows, the
     # job's memory is bounded (flat in rows). Many tiles: one single-threaded task per tile.
-    tile_bytes = max(8 * sum(units[i].features for i in groups[a])
-                     * sum(units[i].features for i in groups[b]) for a, b in tiles)
+    tile_bytes = max(tile_sizes)
     if len(tiles) < 2 * workers:
         threads = min(workers, node_cpus or workers, _MAX_TASK_THREADS)
         splits = max(1, min(math.ceil(2 * workers / len(tiles)), math.ceil(n / block_rows)))
@@ -328,8 +325,6 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
     # The driver finishes tiles after the accumulation, with every CPU, while the job's
     # moments take under a quarter of its memory; beyond, it finishes each tile as it
     # arrives and lets it go (that work then competes with the accumulation for CPUs).
-    moments = sum(8 * sum(units[i].features for i in groups[a])
-                  * sum(units[i].features for i in groups[b]) for a, b in tiles)
     return Plan(
         units=units,
         groups=groups,
@@ -342,7 +337,7 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
         fourth=fourth,
         precision=spec.compute.precision,
         threads=threads,
-        stream_tiles=moments > default_memory_per_worker(1) // 2,
+        stream_tiles=sum(tile_sizes) > default_memory_per_worker(1) // 2,
         block_bytes=0 if spec.compute.block_rows else block_bytes,
     )
 
