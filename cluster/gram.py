@@ -345,11 +345,11 @@ def sample_space_metrics(
     basis = any(m in BASIS_METRICS for m in metrics)
     gx = unit_gram(x, dtype=np.float64, basis=basis, name="x")
     gy = unit_gram(y, dtype=np.float64, basis=basis, name="y")
-    tile = gram_tile([gx, gy], None, metrics, svcca_threshold=svcca_threshold,
-                     eig_floor=eig_floor)
-    mats = gram_similarity_matrices(x.shape[0], tile.kl_off, tile.dd, tile.trace_a, metrics)
+    kl, dd = gram_products([gx, gy])  # CKA's normalisers need the self products too
+    mats = gram_similarity_matrices(x.shape[0], kl, dd, np.array([gx.trace, gy.trace]), metrics)
     out = {m: float(v[0, 1]) for m, v in mats.items()}
-    out.update({m: float(v[0, 1]) for m, v in tile.values.items()})
+    out.update(pair_metrics(gx, gy, metrics, svcca_threshold=svcca_threshold,
+                            eig_floor=eig_floor))
     return {m: out[m] for m in metrics}
 
 

@@ -188,6 +188,12 @@ class TileFinalizer:
         else:
             self.held[tile] = moments
 
+    def add_all(self, tiles: dict) -> None:
+        """Every tile of a finished accumulation, diagonal tiles first (none is held). Each
+        is popped from ``tiles`` once finished, so its moments are released as we go."""
+        for tile in sorted(tiles, key=lambda t: t[0] != t[1]):
+            self.add(tile, tiles.pop(tile))
+
     def restore(self, tile: tuple[int, int], values: TileValues, caches: dict) -> None:
         """A tile finished by an earlier run: its entries, and a diagonal tile's caches."""
         ga, gb = (list(self.plan.groups[g]) for g in tile)
@@ -275,8 +281,7 @@ def _finish_tiles(spec: JobSpec, plan: Plan, store, state: StateStore, tasks: di
     else:
         merged = run_tiles(store, todo, progress, checkpoints)
         progress.close()
-        for tile in sorted(merged, key=lambda t: t[0] != t[1]):
-            fin.add(tile, merged.pop(tile))
+        fin.add_all(merged)
     cleanup = {"tiles": list(tile_keys.values()),
                "caches": [cache_key(t, i) for t in tile_keys if t[0] == t[1]
                           for i in plan.groups[t[0]]]}
@@ -287,8 +292,7 @@ def finalize(plan: Plan, tiles, metrics, *, svcca_threshold: float, threads: int
     """Similarity matrices from all merged tiles at once (the bootstrap's replicates)."""
     fin = TileFinalizer(plan, metrics, svcca_threshold=svcca_threshold,
                         threads=plan.workers if threads is None else threads)
-    for tile in sorted(tiles, key=lambda t: t[0] != t[1]):
-        fin.add(tile, tiles[tile])
+    fin.add_all(tiles)
     return fin.result()
 
 
