@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from store import layout
+from store.direct_read import ShardLayout, read_rows, shard_layout
 from store.errors import InputError, NotFoundError, StorageError
 from store.urls import open_zarr_store, option_values, redact, storage_errors
 
@@ -83,6 +84,7 @@ class ActivationStore:
         self._zstore: Any = None
         self._root_group: Any = None
         self._arrays: dict[tuple[str, str], Any] = {}
+        self._direct: dict[tuple[str, str], ShardLayout | None] = {}  # see store/direct_read
 
     # -- opening -------------------------------------------------------------------------
 
@@ -146,6 +148,7 @@ class ActivationStore:
         """Forget cached metadata, to see units written by other processes since opening."""
         self._root_group = None
         self._arrays.clear()
+        self._direct.clear()
 
     def __reduce__(self):
         # Only the URL and options travel: zarr stores and fsspec sessions do not pickle
@@ -255,6 +258,7 @@ class ActivationStore:
                 f"layer {layer!r} of model {model!r} {state} in store {self.url}{hint}"
             )
         self._arrays[key] = arr
+        self._direct[key] = shard_layout(arr)
         return arr
 
     def unit_info(self, model: str, layer: str) -> UnitInfo:
@@ -289,6 +293,9 @@ class ActivationStore:
             )
         with self._errors():
             try:
+                direct = self._direct.get((model, layer))
+                if direct is not None:
+                    return read_rows(direct, start, stop)
                 return np.asarray(arr[start:stop])
             except (ValueError, RuntimeError) as exc:
                 # Codec failures (a checksum mismatch, a truncated shard) mean a corrupt chunk.
@@ -386,6 +393,7 @@ class ActivationStore:
 
     def _forget(self, model: str, layer: str) -> None:
         self._arrays.pop((model, layer), None)
+        self._direct.pop((model, layer), None)
 
 
 def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
