@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.linalg import centered_gram, cross_product, unit_slice, unit_sums
+from cluster.blas import gemm_tn, syrk_upper
+from cluster.linalg import centered_gram, cross_product, unit_slice, unit_sums, zeros
 from store.errors import InputError
 
 __all__ = [
@@ -163,7 +164,7 @@ def empty_moments(
             s=np.zeros((ka, kb)), p=np.zeros((da, kb)), q=np.zeros((db, ka)),
             ta=np.zeros(ka), tb=np.zeros(kb),
         )
-    return CrossMoments(0, np.zeros(da), np.zeros(db), np.zeros((da, db)), wa, wb,
+    return CrossMoments(0, np.zeros(da), np.zeros(db), zeros((da, db)), wa, wb,
                         diagonal=diagonal, **extra)
 
 
@@ -378,8 +379,8 @@ class TileAccumulator:
         da, db = sum(self.widths_a), sum(self.widths_b)
         # Fortran order for both: BLAS writes the buffer in place (scipy's wrappers copy
         # C-ordered outputs), and the accumulator then adds it with matching strides.
-        self.acc = np.zeros((da, db), order="F")
-        self._buf = np.zeros((da, db), dtype=self.dtype, order="F")
+        self.acc = zeros((da, db), order="F")
+        self._buf = zeros((da, db), dtype=self.dtype, order="F")
         self._n: list[int] = []
         self._shift_a: list[np.ndarray] = []
         self._sum_a: list[np.ndarray] = []
@@ -406,8 +407,6 @@ class TileAccumulator:
     ) -> None:
         """Add one row block: za (n_rows, d_a); zb (n_rows, d_b), None for a diagonal tile.
         With ``overwrite`` a block already of the GEMM dtype is shifted in place (no copy)."""
-        from scipy.linalg import blas
-
         za = np.asarray(za)
         if za.ndim != 2 or za.shape[1] != self.acc.shape[0]:
             raise InputError(f"group a block has shape {za.shape}; expected (rows, "
@@ -415,11 +414,9 @@ class TileAccumulator:
         if za.shape[0] == 0:
             return
         zc_a, ka, sa = self._shifted(za, "a", overwrite)
-        f32 = self.dtype == np.float32
+        # cluster.blas releases the GIL, so the reader thread prefetches during the product.
         if self.diagonal:
-            syrk = blas.ssyrk if f32 else blas.dsyrk
-            # zc_a.T is Fortran-contiguous: syrk reads it without a copy (upper triangle only).
-            syrk(1.0, zc_a.T, beta=0.0, c=self._buf, trans=0, lower=0, overwrite_c=1)
+            syrk_upper(zc_a, self._buf)
             kb, sb = ka, sa
         else:
             zb = np.asarray(zb)
@@ -427,8 +424,7 @@ class TileAccumulator:
                 raise InputError(f"group b block has shape {zb.shape}; expected "
                                  f"({za.shape[0]}, {self.acc.shape[1]})")
             zc_b, kb, sb = self._shifted(zb, "b", overwrite)
-            gemm = blas.sgemm if f32 else blas.dgemm
-            gemm(1.0, zc_a.T, zc_b.T, beta=0.0, c=self._buf, trans_b=1, overwrite_c=1)
+            gemm_tn(zc_a, zc_b, self._buf)
             self._shift_b.append(kb)
             self._sum_b.append(sb)
         if self.diagonal:
