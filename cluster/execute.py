@@ -136,13 +136,16 @@ def _accumulate_tile(
         return za, zb
 
     blocks = list(_blocks(task))
-    # Without fourth-order terms, blocks accumulate in place into one float64 matrix (no
-    # d_a x d_b allocation per block); with them, the functional block/merge path.
-    acc = None if task.fourth else TileAccumulator(task.widths_a, task.widths_b, gemm_dtype)
     total: CrossMoments | None = None
-    # One reader thread: the next block's I/O overlaps this block's GEMM (BLAS drops the GIL).
+    # One reader thread: the next block's I/O overlaps this block's GEMM (cluster.blas drops
+    # the GIL), and the first block's I/O overlaps allocating the accumulator (seconds for
+    # gigabytes of fresh pages in a new worker).
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read, blocks[0])
+        # Without fourth-order terms, blocks accumulate in place into one float64 matrix (no
+        # d_a x d_b allocation per block); with them, the functional block/merge path.
+        acc = None if task.fourth else TileAccumulator(task.widths_a, task.widths_b,
+                                                       gemm_dtype)
         for k in range(len(blocks)):
             za, zb = pending.result()
             if k + 1 < len(blocks):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from jobs.spec import JobSpec, closest
 from store.errors import InputError, NotFoundError
-from store.layout import format_bytes
+from store.layout import format_bytes, natural_sorted
 
 # Per tile a task holds the float64 accumulator, the block product and a merge temporary.
 _TILE_COPIES = 3
@@ -116,7 +116,8 @@ class Plan:
 
 def select_units(spec: JobSpec, store) -> tuple[PlannedUnit, ...]:
     """The spec's units, checked against the store; unknown names are refused with a hint."""
-    models = store.models()
+    listed = store.units()  # one listing (it reads every unit's metadata)
+    models = natural_sorted({m for m, _ in listed})
     if not models:
         raise InputError(f"store {store.url} holds no units yet; ingest activations first")
     chosen = spec.models if spec.models is not None else tuple(models)
@@ -129,7 +130,7 @@ def select_units(spec: JobSpec, store) -> tuple[PlannedUnit, ...]:
                 raise InputError(f"layers lists model {m!r}, which the job does not include")
     units = []
     for m in chosen:
-        available = store.layers(m)
+        available = [layer for model, layer in listed if model == m]
         if spec.layers is None:
             wanted = available
         elif isinstance(spec.layers, dict):
