@@ -23,11 +23,8 @@ class _MetaStore:
         self._layers = [f"l{i}" for i in range(layers)]
         self._width = width
 
-    def models(self):
-        return self._models
-
-    def layers(self, model):
-        return self._layers
+    def units(self):
+        return [(m, layer) for m in self._models for layer in self._layers]
 
     def unit_info(self, model, layer):
         return SimpleNamespace(features=self._width)
