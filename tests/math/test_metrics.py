@@ -267,3 +267,34 @@ def test_similarity_matrices_names_the_bad_unit():
     with pytest.raises(InputError, match="'vit/block7' has zero variance"):
         similarity_matrices(units, lambda i, j: pair_moments(tile, i, j), ["svcca"],
                             names=["vit/block6", "vit/block7"])
+
+
+def test_nuclear_norms_of_mixed_shapes_in_order():
+    from cluster.metrics import nuclear_norms
+
+    rng = np.random.default_rng(5)
+    blocks = [rng.standard_normal(shape) for shape in [(4, 3), (5, 5), (4, 3), (3, 4), (5, 5)]]
+    blocks.append(np.asfortranarray(rng.standard_normal((40, 40)))[3:8, 10:15])  # a view
+    want = [np.linalg.svd(b, compute_uv=False).sum() for b in blocks]
+    np.testing.assert_allclose(nuclear_norms(blocks), want, rtol=1e-13)
+    assert nuclear_norms([]) == []
+
+
+def test_similarity_matrices_in_chunks_on_threads_equal_pair_by_pair():
+    """120 pairs of units of two widths: several chunks (stacked SVDs of mixed shapes)."""
+    rng = np.random.default_rng(6)
+    widths = (3, 5) * 7 + (4,)
+    z = rng.standard_normal((60, sum(widths)))
+    tile = block_moments(z, widths_a=widths)
+    units = [unit_moments(tile, u) for u in range(len(widths))]
+    metrics = ["linear_cka", "procrustes"]
+    serial = similarity_matrices(units, lambda i, j: pair_moments(tile, i, j), metrics)
+    threaded = similarity_matrices(units, lambda i, j: pair_moments(tile, i, j), metrics,
+                                   threads=2)
+    caches = [prepare_unit(u, metrics) for u in units]
+    for i in range(len(widths)):
+        for j in range(i, len(widths)):
+            want = compare_pair(caches[i], caches[j], pair_moments(tile, i, j), metrics)
+            for m in metrics:
+                assert serial[m][i, j] == pytest.approx(want[m][0], abs=1e-13)
+                assert threaded[m][j, i] == pytest.approx(want[m][1], abs=1e-13)
