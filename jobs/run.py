@@ -96,8 +96,11 @@ def tile_tasks(plan: Plan, store=None) -> dict[tuple[int, int], list[TileTask]]:
                 precision=plan.precision,
                 threads=plan.threads if plan.threads > 1 else None,
                 checkpoint_key=key(a, b, start, stop),
-                # A streamed tile of one task is finished (and saved small) at once.
-                save_result=len(plan.row_ranges) > 1 or not plan.stream_tiles,
+                # A finished task's moments are saved only if they wait for something: sibling
+                # row ranges, or (tiles finished after the accumulation) other tiles. A
+                # streamed tile of one task is finished (and saved small) at once.
+                save_result=len(plan.row_ranges) > 1 or (not plan.stream_tiles
+                                                         and len(plan.tiles) > 1),
             )
             for start, stop in plan.row_ranges
         ]

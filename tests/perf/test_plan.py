@@ -96,3 +96,21 @@ def test_sample_space_refuses_a_unit_larger_than_the_budget():
     with pytest.raises(InputError, match="one unit's Gram task .* memory_per_worker"):
         make_plan(_spec(["linear_cka"], space="sample", memory_per_worker="64MiB"),
                   _MetaStore(1, 2, 2048, 4000), workers=2)
+
+
+def test_finished_task_moments_are_saved_only_when_they_wait():
+    """A task's finished moments are checkpointed only if something runs after it before its
+    tile is finished: sibling row ranges, or other tiles (tiles finished after the
+    accumulation). The only task of a job saves nothing (W2: a 1.9 GB write)."""
+    from jobs.run import tile_tasks
+
+    def flags(store, **compute):
+        plan = make_plan(_spec(["linear_cka"], **compute), store, workers=2)
+        return plan, [t.save_result for ts in tile_tasks(plan).values() for t in ts]
+
+    plan, saves = flags(_MetaStore(10, 6, 256, 50_000))
+    assert (len(plan.tiles), len(plan.row_ranges)) == (1, 1) and saves == [False]
+    plan, saves = flags(_MetaStore(2, 13, 768, 100_000))
+    assert len(plan.tiles) == 3 and not plan.stream_tiles and all(saves)
+    plan, saves = flags(_MetaStore(2, 2, 64, 100_000))
+    assert len(plan.tiles) == 1 and len(plan.row_ranges) > 1 and all(saves)
