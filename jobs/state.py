@@ -25,7 +25,7 @@ import hashlib
 import io
 import json
 import uuid
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 import numpy as np
@@ -43,8 +43,10 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def encode(obj: Any) -> bytes:
-    """A frozen dataclass of ndarrays, numbers, tuples and None as .npz bytes."""
+def encode(obj: Any, file: BinaryIO | None = None) -> bytes | None:
+    """A frozen dataclass of ndarrays, numbers, tuples and None as .npz: written to ``file``
+    (streamed: a tile's moments are gigabytes, and building them in memory first cost
+    several copies into fresh pages), or returned as bytes."""
     arrays, plain = {}, {}
     for field in dataclasses.fields(obj):
         value = getattr(obj, field.name)
@@ -54,10 +56,10 @@ def encode(obj: Any) -> bytes:
             plain[field.name] = value.item()
         else:
             plain[field.name] = value
-    buffer = io.BytesIO()
-    np.savez(buffer, __plain__=np.frombuffer(json.dumps(plain).encode(), dtype=np.uint8),
+    out = io.BytesIO() if file is None else file
+    np.savez(out, __plain__=np.frombuffer(json.dumps(plain).encode(), dtype=np.uint8),
              **arrays)
-    return buffer.getvalue()
+    return out.getvalue() if file is None else None
 
 
 def decode(data: bytes, cls: type[T]) -> T:
@@ -98,7 +100,7 @@ class StateStore:
         tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(tmp, "wb") as f:
-            f.write(encode(obj))
+            encode(obj, f)
         self.fs.mv(tmp, path)
 
     def get(self, kind: str, key: str, cls: type[T]) -> T | None:
