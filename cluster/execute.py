@@ -20,7 +20,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from cluster.gram import GramTile, UnitGram, gram_tile, unit_gram
-from cluster.moments import CrossMoments, TileAccumulator, block_moments, merge, merge_all
+from cluster.moments import (
+    CrossMoments,
+    TileAccumulator,
+    block_moments,
+    merge,
+    merge_all,
+    shift_block,
+)
 from store.errors import RepscopeError
 
 # Transient storage errors are retried by Ray; user errors are not (they would fail again).
@@ -133,7 +140,12 @@ def _accumulate_tile(
     def read(block: tuple[int, int]):
         za = read_group(store, task.units_a, *block)
         zb = None if task.units_b is None else read_group(store, task.units_b, *block)
-        return za, zb
+        if task.fourth:
+            return za, zb
+        # Shifted here, in the reader thread, while the previous block's product runs. The
+        # blocks are fresh arrays read for this task: shifted in place.
+        return (shift_block(za, gemm_dtype, "a", overwrite=True),
+                None if zb is None else shift_block(zb, gemm_dtype, "b", overwrite=True))
 
     blocks = list(_blocks(task))
     total: CrossMoments | None = None
@@ -151,8 +163,7 @@ def _accumulate_tile(
             if k + 1 < len(blocks):
                 pending = pool.submit(read, blocks[k + 1])
             if acc is not None:
-                # The blocks are fresh arrays read for this task: shift them in place.
-                acc.update(za, zb, overwrite=True)
+                acc.update(za, zb)
             else:
                 part = block_moments(
                     za,

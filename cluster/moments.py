@@ -348,6 +348,39 @@ def pair_moments(tile: CrossMoments, u: int, v: int) -> PairMoments:
     return PairMoments(tile.c[rows, cols], sum_ab)
 
 
+@dataclass(frozen=True)
+class ShiftedBlock:
+    """A row block shifted by its own column mean rounded to the GEMM dtype.
+
+    z: (rows, d) = block - K in the GEMM dtype, C-contiguous; shift: K as float64, (d,);
+    offset: s = rows * (mean - K), float64, (d,). See :class:`TileAccumulator`.
+    """
+
+    z: np.ndarray
+    shift: np.ndarray
+    offset: np.ndarray
+
+
+def shift_block(z: np.ndarray, gemm_dtype, side: str = "a",
+                overwrite: bool = False) -> ShiftedBlock:
+    """Shift a (rows, d) block for :meth:`TileAccumulator.update`; in place when
+    ``overwrite`` and z already has the GEMM dtype. A reader thread can do this while the
+    previous block's product runs (numpy releases the GIL for the mean and the subtraction).
+    """
+    dtype = np.dtype(gemm_dtype)
+    if z.ndim != 2:
+        raise InputError(f"group {side} block has shape {z.shape}; expected (rows, features)")
+    mean = _column_mean(z, side)
+    shift = mean.astype(dtype)
+    if overwrite and z.dtype == dtype and z.flags.writeable and z.flags.c_contiguous:
+        zc = z
+        zc -= shift
+    else:
+        zc = np.subtract(z, shift, dtype=dtype)
+    shift64 = shift.astype(np.float64)
+    return ShiftedBlock(zc, shift64, z.shape[0] * (mean - shift64))
+
+
 class TileAccumulator:
     """In-place accumulation of one tile's moments over many row blocks (no fourth order).
 
@@ -387,46 +420,36 @@ class TileAccumulator:
         self._shift_b: list[np.ndarray] = []
         self._sum_b: list[np.ndarray] = []
 
-    def _shifted(
-        self, z: np.ndarray, side: str, overwrite: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(z - K) in the GEMM dtype (in place when allowed and z has that dtype), K as
-        float64, and s = n (mean - K)."""
-        mean = _column_mean(z, side)
-        shift = mean.astype(self.dtype)
-        if overwrite and z.dtype == self.dtype and z.flags.writeable and z.flags.c_contiguous:
-            zc = z
-            zc -= shift
-        else:
-            zc = np.subtract(z, shift, dtype=self.dtype)
-        shift64 = shift.astype(np.float64)
-        return zc, shift64, z.shape[0] * (mean - shift64)
-
     def update(
-        self, za: np.ndarray, zb: np.ndarray | None = None, *, overwrite: bool = False
+        self,
+        za: np.ndarray | ShiftedBlock,
+        zb: np.ndarray | ShiftedBlock | None = None,
+        *,
+        overwrite: bool = False,
     ) -> None:
         """Add one row block: za (n_rows, d_a); zb (n_rows, d_b), None for a diagonal tile.
-        With ``overwrite`` a block already of the GEMM dtype is shifted in place (no copy)."""
-        za = np.asarray(za)
-        if za.ndim != 2 or za.shape[1] != self.acc.shape[0]:
-            raise InputError(f"group a block has shape {za.shape}; expected (rows, "
-                             f"{self.acc.shape[0]})")
-        if za.shape[0] == 0:
+        Either may come already shifted (:func:`shift_block`, e.g. by a reader thread). With
+        ``overwrite`` a block already of the GEMM dtype is shifted in place (no copy)."""
+        a = za if isinstance(za, ShiftedBlock) else shift_block(np.asarray(za), self.dtype,
+                                                                "a", overwrite)
+        if a.z.ndim != 2 or a.z.shape[1] != self.acc.shape[0] or a.z.dtype != self.dtype:
+            raise InputError(f"group a block has shape {a.z.shape} ({a.z.dtype}); expected "
+                             f"(rows, {self.acc.shape[0]}) ({self.dtype})")
+        rows = a.z.shape[0]
+        if rows == 0:
             return
-        zc_a, ka, sa = self._shifted(za, "a", overwrite)
         # cluster.blas releases the GIL, so the reader thread prefetches during the product.
         if self.diagonal:
-            syrk_upper(zc_a, self._buf)
-            kb, sb = ka, sa
+            syrk_upper(a.z, self._buf)
         else:
-            zb = np.asarray(zb)
-            if zb.ndim != 2 or zb.shape != (za.shape[0], self.acc.shape[1]):
-                raise InputError(f"group b block has shape {zb.shape}; expected "
-                                 f"({za.shape[0]}, {self.acc.shape[1]})")
-            zc_b, kb, sb = self._shifted(zb, "b", overwrite)
-            gemm_tn(zc_a, zc_b, self._buf)
-            self._shift_b.append(kb)
-            self._sum_b.append(sb)
+            b = zb if isinstance(zb, ShiftedBlock) else shift_block(np.asarray(zb), self.dtype,
+                                                                    "b", overwrite)
+            if b.z.shape != (rows, self.acc.shape[1]) or b.z.dtype != self.dtype:
+                raise InputError(f"group b block has shape {b.z.shape} ({b.z.dtype}); "
+                                 f"expected ({rows}, {self.acc.shape[1]}) ({self.dtype})")
+            gemm_tn(a.z, b.z, self._buf)
+            self._shift_b.append(b.shift)
+            self._sum_b.append(b.offset)
         if self.diagonal:
             # Only the upper triangle holds the product: add it by column blocks.
             for j in range(0, self.acc.shape[1], 1024):
@@ -435,9 +458,9 @@ class TileAccumulator:
                        out=self.acc[: j + 1024, cols])
         else:
             np.add(self.acc, self._buf, out=self.acc)
-        self._n.append(za.shape[0])
-        self._shift_a.append(ka)
-        self._sum_a.append(sa)
+        self._n.append(rows)
+        self._shift_a.append(a.shift)
+        self._sum_a.append(a.offset)
 
     def result(self, keep: bool = False) -> CrossMoments:
         """The tile's moments over every row added so far (float64). Frees the buffers,
