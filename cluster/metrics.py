@@ -481,8 +481,9 @@ def similarity_matrices(
     size = max(1, min(64, (64 << 20) // (8 * widest * widest)))
     chunks = [todo[k:k + size] for k in range(0, len(todo), size)]
     if threads > 1:
-        # Many small LAPACK calls: one BLAS thread each, `threads` of them at once (LAPACK
-        # releases the GIL), beats one call at a time with threaded BLAS.
+        # Many small LAPACK calls: one BLAS thread each, `threads` of them at once, beats one
+        # call at a time with threaded BLAS (numpy releases the GIL for stacks and for
+        # large matrices, hence the chunks).
         from concurrent.futures import ThreadPoolExecutor
 
         from threadpoolctl import threadpool_limits

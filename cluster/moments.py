@@ -410,8 +410,8 @@ class TileAccumulator:
         if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise InputError(f"gemm_dtype must be float32 or float64, got {self.dtype}")
         da, db = sum(self.widths_a), sum(self.widths_b)
-        # Fortran order for both: BLAS writes the buffer in place (scipy's wrappers copy
-        # C-ordered outputs), and the accumulator then adds it with matching strides.
+        # Fortran order for both: cluster.blas writes the buffer in place (BLAS is
+        # column-major), and the accumulator then adds it with matching strides.
         self.acc = zeros((da, db), order="F")
         self._buf = zeros((da, db), dtype=self.dtype, order="F")
         self._n: list[int] = []
