@@ -34,7 +34,6 @@ class ShardLayout:
 
     directory: Path
     shard_key: Callable[[int], str]  # shard number -> path relative to directory
-    rows: int
     features: int
     dtype: np.dtype
     shard_rows: int
@@ -80,7 +79,7 @@ def shard_layout(array: Any) -> ShardLayout | None:
         and len(index) == 2 and little_bytes(index[0]) and isinstance(index[1], Crc32cCodec)
     ):
         return None
-    rows, features = (int(s) for s in array.shape)
+    features = int(array.shape[1])
     shard_rows, shard_cols = (int(s) for s in array.shards)
     chunk_rows, chunk_cols = (int(s) for s in sharding.chunk_shape)
     if shard_cols != features or chunk_cols != features or shard_rows % chunk_rows:
@@ -88,7 +87,6 @@ def shard_layout(array: Any) -> ShardLayout | None:
     return ShardLayout(
         directory=Path(array.store.root) / array.path,
         shard_key=lambda i, encode=meta.encode_chunk_key: encode((i, 0)),
-        rows=rows,
         features=features,
         dtype=dtype.newbyteorder("<"),
         shard_rows=shard_rows,
