@@ -15,14 +15,14 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jobs.demo
+	$(BIN)/python -m repscope.jobs.demo
 
 test: $(STAMP)
-	$(BIN)/ruff check store cluster jobs tests bench
+	$(BIN)/ruff check repscope store cluster jobs tests bench
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check store cluster jobs tests bench
+	$(BIN)/ruff check repscope store cluster jobs tests bench
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -11,8 +11,8 @@ import time
 
 def main() -> None:
     t0 = time.perf_counter()
-    from jobs.run import run_job
-    from jobs.spec import spec_from_dict
+    from repscope.jobs.run import run_job
+    from repscope.jobs.spec import spec_from_dict
 
     spec = spec_from_dict(json.loads(sys.argv[1]))
     summary = run_job(spec, overwrite=True, log=open(os.devnull, "w"))

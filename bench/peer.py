@@ -13,7 +13,7 @@ def main() -> None:
     import torch
     from cka.cka import cka_from_features
 
-    from store import ActivationStore
+    from repscope.store import ActivationStore
 
     url, rows = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(2)

@@ -93,10 +93,10 @@ def run_ours(url: str, w, out: str, rows: int | None = None, **compute):
     (summary, plan, matrices, units, seconds, PeakRSS of the child's process tree)."""
     from types import SimpleNamespace
 
-    from jobs.plan import make_plan
-    from jobs.results import open_results
-    from jobs.spec import spec_from_dict
-    from store import ActivationStore
+    from repscope.jobs.plan import make_plan
+    from repscope.jobs.results import open_results
+    from repscope.jobs.spec import spec_from_dict
+    from repscope.store import ActivationStore
 
     raw = {"store": url, "metrics": list(w.metrics), "output": out,
            "compute": {k: v for k, v in compute.items() if v is not None}}
@@ -123,7 +123,7 @@ def run_naive(url: str, units, metrics, ours, least: int, seconds: float = 20.0)
     """(a) on pairs spread over the matrix, at least ``least`` of them and then more until
     ``seconds`` have passed (a per-pair time over many pairs moves less with the page cache):
     seconds per pair, pairs timed, max |ours - naive|."""
-    from store import ActivationStore
+    from repscope.store import ActivationStore
 
     store = ActivationStore.open(url)
     count = len(units)

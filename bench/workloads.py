@@ -64,7 +64,7 @@ def layer_activations(rows: int, width: int, layers: int, seed: int, input_dim: 
 
 def build_store(w: Workload, cache: str) -> str:
     """The workload's store under ``cache`` (written once): its URL."""
-    from store import ActivationStore, ingest_array
+    from repscope.store import ActivationStore, ingest_array
 
     url = os.path.join(cache, f"{w.key()}.zarr")
     done = url + ".complete"

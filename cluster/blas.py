@@ -20,7 +20,7 @@ from functools import cache
 
 import numpy as np
 
-from store.errors import InputError
+from repscope.errors import InputError
 
 _PREFIX = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}
 _SCALAR = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}

@@ -29,10 +29,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cluster.compare import compare_arrays
-from cluster.metrics import check_metrics
-from cluster.moments import CrossMoments, merge_all
-from store.errors import InputError
+from repscope.cluster.compare import compare_arrays
+from repscope.cluster.metrics import check_metrics
+from repscope.cluster.moments import CrossMoments, merge_all
+from repscope.errors import InputError
 
 __all__ = [
     "weighted",

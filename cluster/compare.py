@@ -12,9 +12,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from cluster.metrics import METRICS, check_metrics, compare_pair, prepare_unit
-from cluster.moments import block_moments, pair_moments, unit_moments
-from store.errors import InputError
+from repscope.cluster.metrics import METRICS, check_metrics, compare_pair, prepare_unit
+from repscope.cluster.moments import block_moments, pair_moments, unit_moments
+from repscope.errors import InputError
 
 __all__ = ["compare_arrays"]
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cluster.gram import GramTile, UnitGram, gram_tile, unit_gram
-from cluster.moments import (
+from repscope.cluster.gram import GramTile, UnitGram, gram_tile, unit_gram
+from repscope.cluster.moments import (
     CrossMoments,
     TileAccumulator,
     block_moments,
@@ -28,7 +28,7 @@ from cluster.moments import (
     merge_all,
     shift_block,
 )
-from store.errors import RepscopeError
+from repscope.errors import RepscopeError
 
 # Transient storage errors are retried by Ray; user errors are not (they would fail again).
 TASK_RETRIES = 3

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.linalg import inverse_sqrt, sorted_eigh
-from cluster.metrics import EIG_FLOOR, check_metrics
-from store.errors import InputError
+from repscope.cluster.linalg import inverse_sqrt, sorted_eigh
+from repscope.cluster.metrics import EIG_FLOOR, check_metrics
+from repscope.errors import InputError
 
 __all__ = [
     "SAMPLE_METRICS",

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.linalg import inverse_sqrt, sorted_eigh
-from cluster.moments import PairMoments, UnitMoments
-from store.errors import InputError
+from repscope.cluster.linalg import inverse_sqrt, sorted_eigh
+from repscope.cluster.moments import PairMoments, UnitMoments
+from repscope.errors import InputError
 
 __all__ = [
     "Metric",

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.blas import gemm_tn, syrk_upper
-from cluster.linalg import centered_gram, cross_product, unit_slice, unit_sums, zeros
-from store.errors import InputError
+from repscope.cluster.blas import gemm_tn, syrk_upper
+from repscope.cluster.linalg import centered_gram, cross_product, unit_slice, unit_sums, zeros
+from repscope.errors import InputError
 
 __all__ = [
     "CrossMoments",

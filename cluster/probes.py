@@ -33,11 +33,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.linalg import sorted_eigh
-from cluster.metrics import EIG_FLOOR, check_metrics, compare_pair, prepare_unit
-from cluster.moments import PairMoments, UnitMoments
-from cluster.rankstats import as_distance
-from store.errors import InputError
+from repscope.cluster.linalg import sorted_eigh
+from repscope.cluster.metrics import EIG_FLOOR, check_metrics, compare_pair, prepare_unit
+from repscope.cluster.moments import PairMoments, UnitMoments
+from repscope.cluster.rankstats import as_distance
+from repscope.errors import InputError
 
 __all__ = [
     "PROBE_METRICS",

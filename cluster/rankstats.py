@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from cluster.metrics import METRICS, check_metrics
-from store.errors import InputError
+from repscope.cluster.metrics import METRICS, check_metrics
+from repscope.errors import InputError
 
 __all__ = [
     "as_distance",

@@ -1,3 +1,1 @@
-"""Job specs, planning, the `repscope` CLI, results stores and reports."""
-
-__version__ = "0.1.0"
+"""Job specs, planning, the pipeline, the `repscope` CLI, results stores and reports."""

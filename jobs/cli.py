@@ -12,12 +12,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jobs import __version__
-from store.errors import RepscopeError
+from repscope import __version__
+from repscope.errors import RepscopeError
 
 # Modules that define subcommands: each has register(subparsers) -> None, and every parser
 # it adds sets `func=callable(args) -> int`.
-_COMMAND_MODULES = ("store.cli", "jobs.commands", "jobs.ground")
+_COMMAND_MODULES = ("repscope.store.cli", "repscope.jobs.commands", "repscope.jobs.ground")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
-from jobs import report as report_mod
-from jobs import submit as submit_mod
-from store.cli import parse_storage_options, storage_option_arg
+from repscope.jobs import report as report_mod
+from repscope.jobs import submit as submit_mod
+from repscope.store.cli import parse_storage_options, storage_option_arg
 
 
 def _address(parser, required: bool = False) -> None:
@@ -37,7 +37,7 @@ def _run_keeping_stdout(job):
 
 def _job_command(job, args) -> int:
     """run and nightly: load the spec, run the job, print the summary (JSON with --json)."""
-    from jobs.spec import load_spec
+    from repscope.jobs.spec import load_spec
 
     spec = load_spec(args.spec)
     summary = _run_keeping_stdout(
@@ -54,19 +54,19 @@ def _job_command(job, args) -> int:
 
 
 def cmd_run(args) -> int:
-    from jobs.run import run_job
+    from repscope.jobs.run import run_job
 
     return _job_command(run_job, args)
 
 
 def cmd_nightly(args) -> int:
-    from jobs.nightly import nightly_job
+    from repscope.jobs.nightly import nightly_job
 
     return _job_command(nightly_job, args)
 
 
 def cmd_show(args) -> int:
-    from jobs.results import open_results
+    from repscope.jobs.results import open_results
 
     ds = open_results(args.results, parse_storage_options(args.storage_option))
     text = report_mod.show_json(ds, args.metric) if args.json else report_mod.show_text(
@@ -76,7 +76,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from jobs.results import open_results
+    from repscope.jobs.results import open_results
 
     ds = open_results(args.results, parse_storage_options(args.storage_option))
     files = report_mod.write_report(ds, args.out, args.metric)

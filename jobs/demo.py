@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="demo-output", help="folder for store, results, report")
     args = parser.parse_args(argv)
 
-    from jobs.cli import main as cli_main
+    from repscope.jobs.cli import main as cli_main
 
     out = Path(args.out).absolute()
     store_url, results_url, report_dir = out / "acts.zarr", out / "results.zarr", out / "report"
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     print(f"training {len(SEEDS)} MLPs {HIDDEN} on digits (seeds {SEEDS}) ...", flush=True)
     models, x_test = train_models()
 
-    from store import ActivationStore, ingest_array
+    from repscope.store import ActivationStore, ingest_array
 
     store = ActivationStore.create(str(store_url))
     for name, (mlp, accuracy) in models.items():
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     code = cli_main(["run", str(spec), "--overwrite"])
     if code:
         return code
-    from jobs.report import write_report
-    from jobs.results import open_results
+    from repscope.jobs.report import write_report
+    from repscope.jobs.results import open_results
 
     files = write_report(open_results(str(results_url)), report_dir)
     side_by_side = report_dir / "mlp-seed0__vs__mlp-seed1.png"

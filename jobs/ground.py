@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.bootstrap import bootstrap as shard_bootstrap
-from cluster.bootstrap import permutation_null
-from cluster.metrics import METRICS, similarity_matrices
-from cluster.moments import (
+from repscope.cluster.bootstrap import bootstrap as shard_bootstrap
+from repscope.cluster.bootstrap import permutation_null
+from repscope.cluster.metrics import METRICS, similarity_matrices
+from repscope.cluster.moments import (
     CrossMoments,
     block_moments,
     empty_moments,
@@ -40,14 +40,14 @@ from cluster.moments import (
     pair_moments,
     unit_moments,
 )
-from cluster.probes import pc_deletion_probe, probe_metrics
-from cluster.rankstats import (
+from repscope.cluster.probes import pc_deletion_probe, probe_metrics
+from repscope.cluster.rankstats import (
     as_distance,
     mean_rank_correlation,
     rank_correlation_with_function,
     seed_specificity,
 )
-from store.errors import InputError, NotFoundError
+from repscope.errors import InputError, NotFoundError
 
 #: Total columns of all units above which the in-process pass is refused (shards x D^2 floats).
 MAX_COLUMNS = 4096
@@ -173,7 +173,7 @@ def tile_matrices(tile: CrossMoments, names: Sequence[str], metrics, svcca_thres
 def run_ground(spec, scores_path, out_dir, *, fractions=DEFAULT_FRACTIONS, replicates=100,
                permutations=10, shards=20, level=0.9, seed=0, log=print) -> dict:
     """Run every test and write the tables and plots into ``out_dir``; returns the summary."""
-    from store import ActivationStore
+    from repscope.store import ActivationStore
 
     scores = read_scores(scores_path)
     store = ActivationStore.open(spec.store, spec.storage_options)
@@ -478,7 +478,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 def cmd_ground(args) -> int:
-    from jobs.spec import load_spec
+    from repscope.jobs.spec import load_spec
 
     spec = load_spec(args.spec)
     summary = run_ground(

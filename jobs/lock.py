@@ -18,8 +18,8 @@ from contextlib import contextmanager
 
 import fsspec
 
-from store import redact
-from store.errors import ConflictError
+from repscope.errors import ConflictError
+from repscope.store import redact
 
 
 def _lock_url(output: str) -> str:

@@ -21,17 +21,17 @@ from typing import TextIO
 
 import numpy as np
 
-from cluster.execute import Progress, connect, largest_node_cpus, run_tiles
-from cluster.metrics import METRICS, similarity_matrices
-from cluster.moments import UnitMoments, pair_moments, unit_moments
-from jobs.lock import output_lock
-from jobs.plan import Plan, make_groups, make_plan
-from jobs.results import build_dataset, open_results, to_zarr, write_results
-from jobs.run import RunSummary, open_checked, tile_tasks
-from jobs.spec import JobSpec
-from jobs.state import StateStore, digest
-from store import redact
-from store.errors import ConflictError, NotFoundError
+from repscope.cluster.execute import Progress, connect, largest_node_cpus, run_tiles
+from repscope.cluster.metrics import METRICS, similarity_matrices
+from repscope.cluster.moments import UnitMoments, pair_moments, unit_moments
+from repscope.errors import ConflictError, NotFoundError
+from repscope.jobs.lock import output_lock
+from repscope.jobs.plan import Plan, make_groups, make_plan
+from repscope.jobs.results import build_dataset, open_results, to_zarr, write_results
+from repscope.jobs.run import RunSummary, open_checked, tile_tasks
+from repscope.jobs.spec import JobSpec
+from repscope.jobs.state import StateStore, digest
+from repscope.store import redact
 
 
 def nightly_identity(spec: JobSpec) -> str:

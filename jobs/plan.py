@@ -15,9 +15,9 @@ import math
 import os
 from dataclasses import dataclass
 
-from jobs.spec import JobSpec, closest
-from store.errors import InputError, NotFoundError
-from store.layout import format_bytes, natural_sorted
+from repscope.errors import InputError, NotFoundError
+from repscope.jobs.spec import JobSpec, closest
+from repscope.store.layout import format_bytes, natural_sorted
 
 # Per tile a task holds the float64 accumulator, the block product and a merge temporary.
 _TILE_COPIES = 3
@@ -199,7 +199,7 @@ def choose_space(spec: JobSpec, n: int, widths: list[int], memory: int) -> str:
     the memory per worker, and has no form for PWCCA or the bootstrap (which resamples
     feature-space partials); a spec forcing it there is refused.
     """
-    from cluster.gram import BASIS_METRICS, SAMPLE_METRICS, sample_space_flops
+    from repscope.cluster.gram import BASIS_METRICS, SAMPLE_METRICS, sample_space_flops
 
     space = spec.compute.space
     if spec.compute.bootstrap:
@@ -236,7 +236,7 @@ def _sample_plan(spec: JobSpec, units, rows, memory: int, workers: int,
     many units as fit half the memory per worker. With basis metrics (per-pair SVDs) there
     are at least two tiles per worker, so the pairs spread over the cluster.
     """
-    from cluster.gram import BASIS_METRICS
+    from repscope.cluster.gram import BASIS_METRICS
 
     n = rows[1] - rows[0]
     count = len(units)
@@ -271,7 +271,7 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
 
     workers: CPUs of the whole cluster the job may use; node_cpus: CPUs of its largest node
     (a task's BLAS threads run on one node; default: workers, as on one machine)."""
-    from cluster.metrics import METRICS
+    from repscope.cluster.metrics import METRICS
 
     units = select_units(spec, store)
     n_rows = store.n_rows or 0

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.spec import closest
-from store.errors import InputError
+from repscope.errors import InputError
+from repscope.jobs.spec import closest
 
 
 def metric_names(ds) -> list[str]:

@@ -38,13 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from jobs import __version__
-from store.errors import ConflictError, NotFoundError
+from repscope import __version__
+from repscope.errors import ConflictError, NotFoundError
 
 
 def local_path(url: str) -> Path | None:
     """The local path of a URL, or None for object storage (anything with another scheme)."""
-    from store import urls
+    from repscope.store import urls
 
     return urls.local_path(url) if urls.scheme_of(url) == "file" else None
 
@@ -103,7 +103,7 @@ def open_results(url: str, storage_options: dict | None = None):
     """
     import xarray as xr
 
-    from store import redact
+    from repscope.store import redact
 
     path = local_path(url)
     for _ in range(3):
@@ -136,7 +136,7 @@ def existing_identity(url: str, storage_options: dict | None = None) -> str | No
 
 def check_output(url: str, identity: str, storage_options: dict | None, overwrite: bool) -> None:
     """Refuse to replace results of a different spec unless overwrite is set."""
-    from store import redact
+    from repscope.store import redact
 
     found = existing_identity(url, storage_options)
     if found is not None and found != identity and not overwrite:

@@ -16,8 +16,8 @@ from typing import TextIO
 
 import numpy as np
 
-from cluster.bootstrap import bootstrap
-from cluster.execute import (
+from repscope.cluster.bootstrap import bootstrap
+from repscope.cluster.execute import (
     Checkpoints,
     GramTask,
     Progress,
@@ -27,19 +27,19 @@ from cluster.execute import (
     run_grams,
     run_tiles,
 )
-from cluster.gram import gram_similarity_matrices
-from cluster.metrics import (
+from repscope.cluster.gram import gram_similarity_matrices
+from repscope.cluster.metrics import (
     METRICS,
     UnitCache,
     similarity_matrices,
 )
-from cluster.moments import merge_all, pair_moments, unit_moments
-from jobs.lock import output_lock
-from jobs.plan import Plan, make_plan
-from jobs.results import build_dataset, check_output, write_results
-from jobs.spec import JobSpec
-from jobs.state import StateStore, digest, state_url
-from store import ActivationStore, redact
+from repscope.cluster.moments import merge_all, pair_moments, unit_moments
+from repscope.jobs.lock import output_lock
+from repscope.jobs.plan import Plan, make_plan
+from repscope.jobs.results import build_dataset, check_output, write_results
+from repscope.jobs.spec import JobSpec
+from repscope.jobs.state import StateStore, digest, state_url
+from repscope.store import ActivationStore, redact
 
 
 @dataclass(frozen=True)

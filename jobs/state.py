@@ -123,7 +123,7 @@ class StateStore:
             f.write(json.dumps({"rows": int(moments.n)}))
 
     def get_partial(self, key: str) -> Any:
-        from cluster.moments import CrossMoments
+        from repscope.cluster.moments import CrossMoments
 
         return self.get("partials", key, CrossMoments)
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from store.errors import InputError, NotFoundError, RepscopeError
+from repscope.errors import InputError, NotFoundError, RepscopeError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _SUBMIT_TRIES = 15
@@ -64,7 +64,7 @@ def submit(
     An explicit submission_id makes submission idempotent: if a job with that id exists
     already, its id is returned and nothing new is submitted (safe for schedulers).
     """
-    from jobs.spec import load_spec
+    from repscope.jobs.spec import load_spec
 
     spec_path = Path(spec_path)
     load_spec(spec_path)  # refuse a bad spec here, not on the cluster

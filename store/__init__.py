@@ -6,9 +6,9 @@ ingest from a training or evaluation loop) and :func:`redact` (safe printing of 
 The layout is documented in docs/store.md.
 """
 
-from store.activation_store import ActivationStore, UnitInfo
-from store.ingest import ingest_array, ingest_path
-from store.urls import redact
-from store.writer import UnitWriter
+from repscope.store.activation_store import ActivationStore, UnitInfo
+from repscope.store.ingest import ingest_array, ingest_path
+from repscope.store.urls import redact
+from repscope.store.writer import UnitWriter
 
 __all__ = ["ActivationStore", "UnitInfo", "UnitWriter", "ingest_array", "ingest_path", "redact"]

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from store import layout
-from store.direct_read import ShardLayout, read_rows, shard_layout
-from store.errors import InputError, NotFoundError, StorageError
-from store.urls import open_zarr_store, option_values, redact, storage_errors
+from repscope.errors import InputError, NotFoundError, StorageError
+from repscope.store import layout
+from repscope.store.direct_read import ShardLayout, read_rows, shard_layout
+from repscope.store.urls import open_zarr_store, option_values, redact, storage_errors
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from store.activation_store import ActivationStore
-from store.errors import InputError
-from store.ingest import ingest_path
-from store.layout import STORAGE_DTYPES, format_bytes
+from repscope.errors import InputError
+from repscope.store.activation_store import ActivationStore
+from repscope.store.ingest import ingest_path
+from repscope.store.layout import STORAGE_DTYPES, format_bytes
 
 
 def register(subparsers: Any) -> None:

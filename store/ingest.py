@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from store import layout
-from store.activation_store import ActivationStore, RowSet, UnitInfo
-from store.errors import InputError, NotFoundError
-from store.sources import as_source
-from store.validate import (
+from repscope.errors import InputError, NotFoundError
+from repscope.store import layout
+from repscope.store.activation_store import ActivationStore, RowSet, UnitInfo
+from repscope.store.sources import as_source
+from repscope.store.validate import (
     check_name,
     check_ndim,
     check_padding_mask,
@@ -27,7 +27,7 @@ from store.validate import (
     check_storage_dtype,
     where,
 )
-from store.writer import UnitWriter
+from repscope.store.writer import UnitWriter
 
 # Source bytes read per block (at most one shard): large enough for fast reads, small next to
 # the default shard.

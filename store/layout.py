@@ -75,7 +75,7 @@ def shard_rows_for(
 
 def check_sizes(chunk_bytes: Any, shard_bytes: Any) -> None:
     """Refuse non-positive or non-integer chunk/shard byte budgets."""
-    from store.errors import InputError
+    from repscope.errors import InputError
 
     for name, value in (("chunk_bytes", chunk_bytes), ("shard_bytes", shard_bytes)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:

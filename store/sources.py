@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import InputError
+from repscope.errors import InputError
 
 
 def _is_torch(obj: Any) -> bool:

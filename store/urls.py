@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from store.errors import InputError, RepscopeError, StorageError
+from repscope.errors import InputError, RepscopeError, StorageError
 
 # Schemes served through fsspec, with the module that implements them and the extra to install.
 _FSSPEC_SCHEMES = {

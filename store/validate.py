@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from store.errors import InputError
-from store.layout import STORAGE_DTYPES
+from repscope.errors import InputError
+from repscope.store.layout import STORAGE_DTYPES
 
 # Largest finite value of each storage dtype: converting anything larger gives inf.
 _STORAGE_MAX = {name: float(np.finfo(name).max) for name in STORAGE_DTYPES}

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from store import layout
-from store.activation_store import ActivationStore, RowSet, UnitInfo
-from store.errors import InputError
-from store.validate import (
+from repscope.errors import InputError
+from repscope.store import layout
+from repscope.store.activation_store import ActivationStore, RowSet, UnitInfo
+from repscope.store.validate import (
     check_name,
     check_row_ids,
     check_source_dtype,
@@ -295,6 +295,6 @@ class UnitWriter:
 
 def _to_numpy(obj: Any) -> np.ndarray:
     """A numpy view of a batch: torch tensors (bfloat16 included), dask arrays, array-likes."""
-    from store.sources import to_numpy
+    from repscope.store.sources import to_numpy
 
     return to_numpy(obj)

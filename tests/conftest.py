@@ -8,12 +8,41 @@ test directory can use them:
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _isolate_from_home() -> Path:
+    """Give the test session its own HOME and Ray token, before anything imports Ray.
+
+    Ray's ``ray.init`` writes ``~/.ray/auth_token`` and ``ray start`` with token auth reads
+    it; matplotlib caches fonts under ``~/.cache``. Tests never touch the user's HOME: the
+    session gets a fresh one, and every Ray instance (embedded or ``ray start``) the token in
+    ``RAY_AUTH_TOKEN_PATH``, so nothing depends on what an earlier run left behind.
+    """
+    root = Path(tempfile.mkdtemp(prefix="repscope-tests-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    (root / "home").mkdir()
+    token = root / "ray-auth-token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ["HOME"] = str(root / "home")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    for name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "MPLCONFIGDIR", "XDG_CACHE_HOME",
+                 "XDG_CONFIG_HOME"):
+        os.environ.pop(name, None)
+    return root
+
+
+SESSION_ROOT = _isolate_from_home()
 
 
 def reference_dir() -> Path:

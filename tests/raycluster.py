@@ -1,8 +1,9 @@
 """A real Ray cluster on loopback for tests: `ray start --head --block`, stopped by pid.
 
-Token authentication is on (Ray 2.59+ default for `ray start`), so the fixture sets
-RAY_AUTH_MODE=token for its clients. Nothing here uses `ray stop` or kills by name: other
-work may share the machine.
+Token authentication is on: the fixture sets RAY_AUTH_MODE=token for the cluster and its
+clients, and the token is the test session's own (RAY_AUTH_TOKEN_PATH, set by
+tests/conftest.py), never one from the user's HOME. Nothing here uses `ray stop` or kills
+by name: other work may share the machine.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def ray_env() -> dict[str, str]:
     (as in the container image), so a submitted `repscope run` entrypoint is found."""
     env = dict(os.environ)
     env["RAY_AUTH_MODE"] = "token"
+    if "RAY_AUTH_TOKEN_PATH" not in env:
+        raise RuntimeError("RAY_AUTH_TOKEN_PATH is not set: tests/conftest.py sets the "
+                           "session's own token before any cluster starts")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     return env

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from jobs.cli import build_parser
+from repscope.jobs.cli import build_parser
 from tests.raycluster import ray_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -288,7 +288,7 @@ def test_pods_use_the_service_account_and_existing_configmaps():
 
 
 def test_configmap_holds_a_valid_job_spec():
-    from jobs.spec import parse_spec
+    from repscope.jobs.spec import parse_spec
 
     spec = parse_spec(the("ConfigMap")["data"]["job.yaml"], "configmap.yaml")
     assert spec.store.startswith(("s3://", "gs://")) and spec.output.startswith(("s3://", "gs://"))
@@ -386,7 +386,7 @@ def test_manifest_command_lines_parse(where):
             assert args.nightly is True
         assert re.fullmatch(r"https?://[\w.-]+:8265", args.address)
         assert re.fullmatch(r"nightly-\d{4}-\d{2}-\d{2}", args.submission_id)
-        from jobs.submit import _SUBMISSION_ID
+        from repscope.jobs.submit import _SUBMISSION_ID
         assert _SUBMISSION_ID.match(args.submission_id)
 
 
@@ -426,18 +426,19 @@ def test_dockerfile_installs_repscope_with_a_matching_ray():
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-", text, re.M)
     for what in ("pyproject.toml", "README.md"):  # README.md: pyproject's readme
         assert re.search(rf"^COPY .*\b{re.escape(what)}\b", text, re.M), what
-    for package in ("store", "cluster", "jobs"):
-        assert re.search(rf"^COPY .*\s{package}\s", text, re.M), package
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    folders = set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    for folder in folders:  # every folder the build maps into the repscope package
+        assert re.search(rf"^COPY .*\s{folder}\s", text, re.M), folder
     assert '".[s3,gcs]"' in text
     assert '"ray[default]==${RAY_VERSION}"' in text
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as non-root"
 
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
-    for needed in ("!pyproject.toml", "!README.md", "!store/**", "!cluster/**", "!jobs/**"):
+    for needed in ("!pyproject.toml", "!README.md", *(f"!{f}/**" for f in folders)):
         assert needed in ignore
 
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     (ray_req,) = [Requirement(r) for r in pyproject["project"]["dependencies"]
                   if Requirement(r).name == "ray"]
     assert version in ray_req.specifier, f"image Ray {version} outside {ray_req}"
@@ -479,7 +480,7 @@ def test_cronjob_command_runs_against_a_local_cluster(ray_cluster, tmp_path):
     import numpy as np
     import xarray as xr
 
-    from store import ActivationStore, ingest_array
+    from repscope.store import ActivationStore, ingest_array
 
     rng = np.random.default_rng(7)
     store = ActivationStore.create(str(tmp_path / "acts.zarr"))

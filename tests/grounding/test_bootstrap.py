@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.bootstrap import (
+from repscope.cluster.bootstrap import (
     bootstrap,
     merge_weighted,
     permutation_null,
     shard_weights,
     weighted,
 )
-from cluster.metrics import compare_pair, prepare_unit
-from cluster.moments import block_moments, merge_all, pair_moments, unit_moments
-from store.errors import InputError
+from repscope.cluster.metrics import compare_pair, prepare_unit
+from repscope.cluster.moments import block_moments, merge_all, pair_moments, unit_moments
+from repscope.errors import InputError
 
 FIELDS = ("c", "s", "p", "q", "ta", "tb", "mean_a", "mean_b")
 

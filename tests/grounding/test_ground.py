@@ -6,16 +6,16 @@ import json
 
 import pytest
 
-from jobs.cli import main as cli_main
-from jobs.ground import one_blas_thread, run_ground
-from jobs.spec import parse_spec
+from repscope.jobs.cli import main as cli_main
+from repscope.jobs.ground import one_blas_thread, run_ground
+from repscope.jobs.spec import parse_spec
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo's three MLPs (differ only in seed) ingested, with their test accuracies."""
-    from jobs.demo import hidden_activations, train_models
-    from store import ActivationStore, ingest_array
+    from repscope.jobs.demo import hidden_activations, train_models
+    from repscope.store import ActivationStore, ingest_array
 
     root = tmp_path_factory.mktemp("demo")
     with one_blas_thread():  # small matrices: threaded BLAS only contends on a loaded machine

@@ -5,11 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.compare import compare_arrays
-from cluster.moments import block_moments, unit_moments
-from cluster.probes import PROBE_METRICS, deleted_moments, deletion_projection, pc_deletion_probe
-from cluster.rankstats import as_distance
-from store.errors import InputError
+from repscope.cluster.compare import compare_arrays
+from repscope.cluster.moments import block_moments, unit_moments
+from repscope.cluster.probes import (
+    PROBE_METRICS,
+    deleted_moments,
+    deletion_projection,
+    pc_deletion_probe,
+)
+from repscope.cluster.rankstats import as_distance
+from repscope.errors import InputError
 
 
 def correlated(n: int, p: int, seed: int) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cluster.rankstats import (
+from repscope.cluster.rankstats import (
     as_distance,
     mean_rank_correlation,
     rank_correlation_with_function,

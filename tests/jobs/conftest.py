@@ -21,7 +21,7 @@ def deep_net_activations(rows: int, widths: list[int], seed: int, input_dim: int
 
 def make_store(url: str, models: dict[str, list[int]], rows: int, storage_options=None):
     """A store with one model per entry (its layer widths), layers named layer1, layer2..."""
-    from store import ActivationStore, ingest_array
+    from repscope.store import ActivationStore, ingest_array
 
     store = ActivationStore.create(url, storage_options)
     data = {}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from jobs.cli import main
-from jobs.run import run_job
-from jobs.spec import parse_spec
-from store.errors import InputError
+from repscope.errors import InputError
+from repscope.jobs.cli import main
+from repscope.jobs.run import run_job
+from repscope.jobs.spec import parse_spec
 from tests.jobs.conftest import make_store
 
 

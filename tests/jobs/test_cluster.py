@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from cluster.compare import compare_arrays
+from repscope.cluster.compare import compare_arrays
 from tests.jobs.conftest import make_store
 from tests.raycluster import ray_env
 
@@ -109,7 +109,7 @@ def test_stop_and_unknown_ids(ray_cluster):
 def test_missing_token_mode_gives_actionable_error(ray_cluster, job):
     spec, _, _ = job
     env = {k: v for k, v in ray_env().items() if k != "RAY_AUTH_MODE"}
-    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     result = repscope("status", "x", "--address", ray_cluster.dashboard, env=env, timeout=60)
     assert result.returncode != 0
     assert "RAY_AUTH_MODE=token" in result.stderr

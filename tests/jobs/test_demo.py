@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from jobs.demo import main
+from repscope.jobs.demo import main
 
 
 def test_demo_writes_results_and_heatmaps(tmp_path, capsys):

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from jobs.cli import main
-from jobs.nightly import nightly_job
-from jobs.run import run_job
-from jobs.spec import parse_spec
-from store import ActivationStore, ingest_array
-from store.errors import ConflictError
+from repscope.errors import ConflictError
+from repscope.jobs.cli import main
+from repscope.jobs.nightly import nightly_job
+from repscope.jobs.run import run_job
+from repscope.jobs.spec import parse_spec
+from repscope.store import ActivationStore, ingest_array
 from tests.jobs.conftest import deep_net_activations, make_store
 
 METRICS = ["linear_cka", "linear_cka_debiased", "pwcca", "procrustes", "svcca"]
@@ -101,7 +101,7 @@ def test_nightly_cli_json(tmp_path, capsys, embedded_ray):
 
 
 def test_report_draws_trends_over_checkpoints(tmp_path, embedded_ray):
-    from jobs.report import trends, write_report
+    from repscope.jobs.report import trends, write_report
 
     store_url = str(tmp_path / "acts.zarr")
     make_store(store_url, {"ckpt0": [5, 4], "ckpt1": [5, 4], "ckpt2": [5, 4]}, rows=200)

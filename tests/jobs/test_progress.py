@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from cluster.execute import Progress
+from repscope.cluster.execute import Progress
 
 
 class Terminal(io.StringIO):

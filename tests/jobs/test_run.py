@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from cluster.compare import compare_arrays
-from jobs.cli import main
-from jobs.run import run_job
-from jobs.spec import parse_spec
-from store.errors import ConflictError, InputError, NotFoundError
+from repscope.cluster.compare import compare_arrays
+from repscope.errors import ConflictError, InputError, NotFoundError
+from repscope.jobs.cli import main
+from repscope.jobs.run import run_job
+from repscope.jobs.spec import parse_spec
 from tests.jobs.conftest import make_store
 
 ALL = ["linear_cka", "linear_cka_debiased", "mean_cca", "mean_sq_cca", "svcca", "pwcca",

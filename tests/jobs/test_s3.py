@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from cluster.compare import compare_arrays
-from jobs.cli import main
-from jobs.results import open_results
-from jobs.run import run_job
-from jobs.spec import spec_from_dict
+from repscope.cluster.compare import compare_arrays
+from repscope.jobs.cli import main
+from repscope.jobs.results import open_results
+from repscope.jobs.run import run_job
+from repscope.jobs.spec import spec_from_dict
 from tests.jobs.conftest import make_store
 from tests.s3server import FAKE_KEY, FAKE_SECRET
 

@@ -7,8 +7,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.spec import load_spec, parse_bytes, parse_spec, spec_from_dict
-from store.errors import InputError, NotFoundError, SpecError
+from repscope.errors import InputError, NotFoundError, SpecError
+from repscope.jobs.spec import load_spec, parse_bytes, parse_spec, spec_from_dict
 
 GOOD = """
 store: s3://bucket/acts.zarr

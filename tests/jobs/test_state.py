@@ -6,8 +6,8 @@ import pickle
 
 import numpy as np
 
-from cluster.moments import CrossMoments, UnitMoments, block_moments
-from jobs.state import StateStore, decode, digest, encode
+from repscope.cluster.moments import CrossMoments, UnitMoments, block_moments
+from repscope.jobs.state import StateStore, decode, digest, encode
 
 
 def test_cross_moments_roundtrip_bit_exact():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from cluster.blas import gemm_tn, syrk_upper
-from store.errors import InputError
+from repscope.cluster.blas import gemm_tn, syrk_upper
+from repscope.errors import InputError
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-4), (np.float64, 1e-12)])

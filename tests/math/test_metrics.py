@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import ortho_group
 
-from cluster.compare import compare_arrays
-from cluster.metrics import (
+from repscope.cluster.compare import compare_arrays
+from repscope.cluster.metrics import (
     METRICS,
     FewRowsWarning,
     check_metrics,
@@ -17,8 +17,8 @@ from cluster.metrics import (
     prepare_unit,
     similarity_matrices,
 )
-from cluster.moments import block_moments, merge_all, pair_moments, unit_moments
-from store.errors import InputError
+from repscope.cluster.moments import block_moments, merge_all, pair_moments, unit_moments
+from repscope.errors import InputError
 from tests.math.naive import naive_metrics
 
 ALL = tuple(METRICS)
@@ -270,7 +270,7 @@ def test_similarity_matrices_names_the_bad_unit():
 
 
 def test_nuclear_norms_of_mixed_shapes_in_order():
-    from cluster.metrics import nuclear_norms
+    from repscope.cluster.metrics import nuclear_norms
 
     rng = np.random.default_rng(5)
     blocks = [rng.standard_normal(shape) for shape in [(4, 3), (5, 5), (4, 3), (3, 4), (5, 5)]]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.moments import (
+from repscope.cluster.moments import (
     CrossMoments,
     block_moments,
     empty_moments,
@@ -18,7 +18,7 @@ from cluster.moments import (
     pair_moments,
     unit_moments,
 )
-from store.errors import InputError
+from repscope.errors import InputError
 
 FIELDS = ("mean_a", "mean_b", "c", "s", "p", "q", "ta", "tb")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.moments import TileAccumulator, block_moments, shift_block
-from store.errors import InputError
+from repscope.cluster.moments import TileAccumulator, block_moments, shift_block
+from repscope.errors import InputError
 
 
 def _data(rows: int, width: int, seed: int = 0) -> np.ndarray:

@@ -8,13 +8,13 @@ import warnings
 
 import pytest
 
-from cluster.compare import compare_arrays
-from cluster.execute import accumulate_tile
-from cluster.moments import merge_all
-from jobs.plan import make_plan
-from jobs.run import TileFinalizer, tile_tasks
-from jobs.spec import spec_from_dict
-from store import ActivationStore
+from repscope.cluster.compare import compare_arrays
+from repscope.cluster.execute import accumulate_tile
+from repscope.cluster.moments import merge_all
+from repscope.jobs.plan import make_plan
+from repscope.jobs.run import TileFinalizer, tile_tasks
+from repscope.jobs.spec import spec_from_dict
+from repscope.store import ActivationStore
 from tests.jobs.conftest import make_store
 
 METRICS = ["linear_cka", "linear_cka_debiased", "mean_cca", "pwcca", "procrustes"]

@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.compare import compare_arrays
-from cluster.gram import (
+from repscope.cluster.compare import compare_arrays
+from repscope.cluster.gram import (
     SAMPLE_METRICS,
     gram_similarity_matrices,
     gram_tile,
     sample_space_metrics,
     unit_gram,
 )
-from cluster.metrics import similarity_matrices
-from cluster.moments import block_moments, pair_moments, unit_moments
-from store.errors import InputError
+from repscope.cluster.metrics import similarity_matrices
+from repscope.cluster.moments import block_moments, pair_moments, unit_moments
+from repscope.errors import InputError
 
 
 def _layers(rows: int, widths, seed: int):

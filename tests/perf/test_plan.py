@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from jobs.plan import make_plan
-from jobs.spec import spec_from_dict
-from store.errors import InputError
+from repscope.errors import InputError
+from repscope.jobs.plan import make_plan
+from repscope.jobs.spec import spec_from_dict
 
 
 class _MetaStore:
@@ -102,7 +102,7 @@ def test_finished_task_moments_are_saved_only_when_they_wait():
     """A task's finished moments are checkpointed only if something runs after it before its
     tile is finished: sibling row ranges, or other tiles (tiles finished after the
     accumulation). The only task of a job saves nothing (W2: a 1.9 GB write)."""
-    from jobs.run import tile_tasks
+    from repscope.jobs.run import tile_tasks
 
     def flags(store, **compute):
         plan = make_plan(_spec(["linear_cka"], **compute), store, workers=2)

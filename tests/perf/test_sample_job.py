@@ -7,10 +7,10 @@ import io
 import numpy as np
 import pytest
 
-from cluster.gram import SAMPLE_METRICS
-from jobs.results import open_results
-from jobs.run import run_job
-from jobs.spec import spec_from_dict
+from repscope.cluster.gram import SAMPLE_METRICS
+from repscope.jobs.results import open_results
+from repscope.jobs.run import run_job
+from repscope.jobs.spec import spec_from_dict
 from tests.jobs.conftest import make_store
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jobs.cli import main
-from store import ActivationStore, ingest_array
+from repscope.jobs.cli import main
+from repscope.store import ActivationStore, ingest_array
 
 
 def test_zero_variance_unit_named_for_cca(tmp_path, capsys, embedded_ray):

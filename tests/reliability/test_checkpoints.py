@@ -8,9 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from cluster.execute import Checkpoints, TileTask, accumulate_tile
-from jobs.state import StateStore
-from store import ActivationStore
+from repscope.cluster.execute import Checkpoints, TileTask, accumulate_tile
+from repscope.jobs.state import StateStore
+from repscope.store import ActivationStore
 from tests.jobs.conftest import make_store
 
 

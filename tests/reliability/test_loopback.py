@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psutil
 
-from cluster.execute import connect
+from repscope.cluster.execute import connect
 
 
 def test_embedded_ray_listens_on_loopback_only(embedded_ray):

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from jobs.lock import output_lock
-from jobs.results import build_dataset, open_results, write_results
-from jobs.run import run_job
-from jobs.spec import parse_spec
-from store.errors import ConflictError
+from repscope.errors import ConflictError
+from repscope.jobs.lock import output_lock
+from repscope.jobs.results import build_dataset, open_results, write_results
+from repscope.jobs.run import run_job
+from repscope.jobs.spec import parse_spec
 from tests.jobs.conftest import make_store
 
 UNITS = [("m", f"l{i}") for i in range(8)]
@@ -65,13 +65,13 @@ def test_reader_never_sees_a_mixture(tmp_path):
 
 
 def test_replaced_versions_are_pruned_after_the_grace_period(tmp_path, monkeypatch):
-    import jobs.results
+    import repscope.jobs.results
 
     out = str(tmp_path / "r.zarr")
     write_results(dataset(1.0), out)
     write_results(dataset(2.0), out)
     assert len(os.listdir(tmp_path / ".r.zarr.versions")) == 2  # previous one spared
-    monkeypatch.setattr(jobs.results, "VERSION_GRACE_SECONDS", 0.0)
+    monkeypatch.setattr(repscope.jobs.results, "VERSION_GRACE_SECONDS", 0.0)
     write_results(dataset(3.0), out)
     assert os.listdir(tmp_path / ".r.zarr.versions") == [os.path.basename(os.readlink(out))]
     assert float(open_results(out).attrs["run"]) == 3.0
@@ -118,7 +118,7 @@ def test_object_store_commit_is_journaled_and_rolls_forward(s3_server):
 
     # a writer that crashed after its commit point, half-way through copying into place:
     # the output holds a mixture, the staged copy the complete new result
-    from jobs.results import _marker, _staging, to_zarr
+    from repscope.jobs.results import _marker, _staging, to_zarr
 
     to_zarr(dataset(2.0), _staging(out), options)
     fs, marker = _marker(out, options)

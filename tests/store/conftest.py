@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from store import ActivationStore
+from repscope.store import ActivationStore
 
 
 @dataclass

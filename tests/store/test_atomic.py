@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store import ActivationStore, UnitWriter, ingest_array
-from store.errors import InputError, NotFoundError
+from repscope.errors import InputError, NotFoundError
+from repscope.store import ActivationStore, UnitWriter, ingest_array
 
 CHUNK, SHARD = 4 * 4 * 8, 4 * 4 * 32  # 4 float32 features: 8-row chunks, 32-row shards
 
@@ -31,9 +31,9 @@ def _acts(rows: int, seed: int = 0) -> np.ndarray:
 
 
 def test_interrupted_ingest_leaves_nothing_visible_and_rerun_works(backend, monkeypatch):
-    import store.ingest
+    import repscope.store.ingest
 
-    monkeypatch.setattr(store.ingest, "_BLOCK_BYTES", SHARD)  # read one shard per block
+    monkeypatch.setattr(repscope.store.ingest, "_BLOCK_BYTES", SHARD)  # read one shard per block
     st = backend.create()
     ingest_array(st, "m", "done", _acts(200))
     x = _acts(200, seed=1)

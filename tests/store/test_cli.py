@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from jobs.cli import main
-from store import ActivationStore
+from repscope.jobs.cli import main
+from repscope.store import ActivationStore
 from tests.s3server import FAKE_KEY, FAKE_SECRET
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zarr
 
-from store import ActivationStore, ingest_array
-from store.direct_read import shard_layout
-from store.errors import StorageError
+from repscope.errors import StorageError
+from repscope.store import ActivationStore, ingest_array
+from repscope.store.direct_read import shard_layout
 
 ROWS, FEATURES, CHUNK_ROWS = 1000, 7, 37
 

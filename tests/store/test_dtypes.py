@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from store import UnitWriter, ingest_array
-from store.errors import InputError
+from repscope.errors import InputError
+from repscope.store import UnitWriter, ingest_array
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import tracemalloc
 
 import numpy as np
 
-from store import ingest_array, ingest_path
+from repscope.store import ingest_array, ingest_path
 
 MiB = 1 << 20
 
@@ -26,7 +26,7 @@ def test_dask_array_streams_with_bounded_memory(tmp_path):
     import dask
     import dask.array as da
 
-    from store import ActivationStore
+    from repscope.store import ActivationStore
 
     # 64 MiB of float64 in 1 MiB dask chunks, never computed whole.
     rows, features = 32 * 1024, 256
@@ -47,7 +47,7 @@ def test_dask_array_streams_with_bounded_memory(tmp_path):
 
 
 def test_npy_file_is_memory_mapped(tmp_path):
-    from store import ActivationStore
+    from repscope.store import ActivationStore
 
     rows, features = 16 * 1024, 512  # 32 MiB of float32
     path = tmp_path / "layer7.npy"

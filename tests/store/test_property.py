@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from store import ActivationStore, ingest_array
-from store.errors import InputError
+from repscope.errors import InputError
+from repscope.store import ActivationStore, ingest_array
 
 DTYPES = [
     "float64",

@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-from store import ActivationStore, UnitInfo, ingest_array
-from store.errors import InputError, NotFoundError
+from repscope.errors import InputError, NotFoundError
+from repscope.store import ActivationStore, UnitInfo, ingest_array
 
 
 def _acts(rows: int, features: int, seed: int = 0) -> np.ndarray:

@@ -9,9 +9,9 @@ import pickle
 import numpy as np
 import pytest
 
-from store import ActivationStore, ingest_array, redact
-from store.errors import NotFoundError, StorageError
-from store.urls import storage_errors
+from repscope.errors import NotFoundError, StorageError
+from repscope.store import ActivationStore, ingest_array, redact
+from repscope.store.urls import storage_errors
 from tests.s3server import FAKE_KEY, FAKE_SECRET
 
 
@@ -90,7 +90,7 @@ def test_gcs_without_gcsfs_is_a_clear_input_error():
     pytest.importorskip("zarr")
     import importlib.util
 
-    from store.errors import InputError
+    from repscope.errors import InputError
 
     if importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed")

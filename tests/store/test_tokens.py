@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from store import ingest_array
-from store.errors import InputError
+from repscope.errors import InputError
+from repscope.store import ingest_array
 
 
 def _tokens(examples=4, tokens=6, features=3):

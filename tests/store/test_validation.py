@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from store import ActivationStore, ingest_array, ingest_path
-from store.errors import InputError, NotFoundError
+from repscope.errors import InputError, NotFoundError
+from repscope.store import ActivationStore, ingest_array, ingest_path
 
 
 def _ok(rows=5, features=3):
