@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from repscope.cluster.compare import compare_arrays
-from repscope.cluster.metrics import check_metrics
 from repscope.cluster.moments import CrossMoments, merge_all
+from repscope.cluster.registry import check_metrics
 from repscope.errors import InputError
 
 __all__ = [

@@ -1,9 +1,10 @@
 """In-memory convenience: compare two activation arrays with every metric.
 
 The same path as a distributed job, on one block: the two units form one column group, one
-diagonal-tile :func:`~cluster.moments.block_moments` gives both units' moments and their cross
-moments, then :func:`~cluster.metrics.prepare_unit` and :func:`~cluster.metrics.compare_pair`
-finish them. There is no second implementation of any metric.
+diagonal-tile :func:`~repscope.cluster.accumulate.block_moments` gives both units' moments
+and their cross moments, then :func:`~repscope.cluster.caches.prepare_unit` and
+:func:`~repscope.cluster.pairs.compare_pair` finish them. There is no second implementation
+of any metric.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from repscope.cluster.metrics import METRICS, check_metrics, compare_pair, prepare_unit
-from repscope.cluster.moments import block_moments, pair_moments, unit_moments
+from repscope.cluster.accumulate import block_moments
+from repscope.cluster.caches import prepare_unit
+from repscope.cluster.moments import pair_moments, unit_moments
+from repscope.cluster.pairs import compare_pair
+from repscope.cluster.registry import METRICS, check_metrics
 from repscope.errors import InputError
 
 __all__ = ["compare_arrays"]
@@ -49,7 +53,7 @@ def compare_arrays(
     ----------
     x : ndarray of shape (n_rows, p)
     y : ndarray of shape (n_rows, q)
-    metrics : names (None: all of :data:`~cluster.metrics.METRICS`).
+    metrics : names (None: all of :data:`~repscope.cluster.registry.METRICS`).
     svcca_threshold : fraction of variance SVCCA keeps per side.
     gemm_dtype : dtype of the centered product (float32 for speed, float64 default).
 

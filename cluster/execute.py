@@ -19,15 +19,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from repscope.cluster.accumulate import TileAccumulator, shift_block
 from repscope.cluster.gram import GramTile, UnitGram, gram_tile, unit_gram
-from repscope.cluster.moments import (
-    CrossMoments,
-    TileAccumulator,
-    block_moments,
-    merge,
-    merge_all,
-    shift_block,
-)
+from repscope.cluster.moments import CrossMoments, merge, merge_all
 from repscope.errors import RepscopeError
 
 # Transient storage errors are retried by Ray; user errors are not (they would fail again).
@@ -140,44 +134,27 @@ def _accumulate_tile(
     def read(block: tuple[int, int]):
         za = read_group(store, task.units_a, *block)
         zb = None if task.units_b is None else read_group(store, task.units_b, *block)
-        if task.fourth:
-            return za, zb
         # Shifted here, in the reader thread, while the previous block's product runs. The
         # blocks are fresh arrays read for this task: shifted in place.
         return (shift_block(za, gemm_dtype, "a", overwrite=True),
                 None if zb is None else shift_block(zb, gemm_dtype, "b", overwrite=True))
 
     blocks = list(_blocks(task))
-    total: CrossMoments | None = None
     # One reader thread: the next block's I/O overlaps this block's GEMM (cluster.blas drops
     # the GIL), and the first block's I/O overlaps allocating the accumulator (seconds for
     # gigabytes of fresh pages in a new worker).
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read, blocks[0])
-        # Without fourth-order terms, blocks accumulate in place into one float64 matrix (no
-        # d_a x d_b allocation per block); with them, the functional block/merge path.
-        acc = None if task.fourth else TileAccumulator(task.widths_a, task.widths_b,
-                                                       gemm_dtype)
+        acc = TileAccumulator(task.widths_a, task.widths_b, fourth=task.fourth,
+                              gemm_dtype=gemm_dtype)
         for k in range(len(blocks)):
             za, zb = pending.result()
             if k + 1 < len(blocks):
                 pending = pool.submit(read, blocks[k + 1])
-            if acc is not None:
-                acc.update(za, zb)
-            else:
-                part = block_moments(
-                    za,
-                    zb,
-                    widths_a=task.widths_a,
-                    widths_b=task.widths_b,
-                    fourth=task.fourth,
-                    gemm_dtype=gemm_dtype,
-                )
-                total = part if total is None else merge(total, part)
+            acc.update(za, zb)
             if on_block is not None and k + 1 < len(blocks):
-                on_block((lambda: acc.result(keep=True)) if acc is not None
-                         else (lambda done=total: done))
-    return acc.result() if acc is not None else total
+                on_block(lambda: acc.result(keep=True))
+    return acc.result()
 
 
 def merge_parts(*parts: CrossMoments) -> CrossMoments:

@@ -7,7 +7,8 @@ splits as netrep's ``partial_fit`` / ``finalize``: :func:`unit_gram` once per un
 Gram, and its eigendecomposition when a metric needs one), then small per-pair work
 (:func:`gram_products`, :func:`pair_metrics`).
 
-Every quantity here equals its feature-space counterpart in :mod:`cluster.metrics`:
+Every quantity here equals its feature-space counterpart (:mod:`repscope.cluster.caches`,
+:mod:`repscope.cluster.pairs`):
 
 - ``<K, L>_F = ||Xc^T Yc||_F^2`` and ``||K||_F = ||Cxx||_F``: linear CKA (Kornblith et al.
   2019) is ``<K, L> / (||K|| ||L||)``.
@@ -37,8 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from repscope.cluster.caches import EIG_FLOOR
 from repscope.cluster.linalg import inverse_sqrt, sorted_eigh
-from repscope.cluster.metrics import EIG_FLOOR, check_metrics
+from repscope.cluster.registry import check_metrics
 from repscope.errors import InputError
 
 __all__ = [
@@ -201,7 +203,8 @@ def gram_products(
 
 
 def _svcca_dims(evals: np.ndarray, threshold: float, floor: float) -> int:
-    """As :func:`cluster.metrics.svcca_basis`: fewest directions explaining ``threshold``."""
+    """As :func:`~repscope.cluster.caches.svcca_basis`: fewest directions explaining
+    ``threshold``."""
     fraction = np.cumsum(evals) / evals.sum()
     k = int(np.searchsorted(fraction, threshold)) + 1
     return min(k, int(np.count_nonzero(inverse_sqrt(evals, floor))))

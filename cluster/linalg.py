@@ -1,4 +1,4 @@
-"""Small linear-algebra helpers shared by :mod:`cluster.moments` and :mod:`cluster.metrics`.
+"""Small linear-algebra helpers shared by the moments, the accumulator and the metrics.
 
 Pure numpy/scipy, no I/O. Column groups are described by unit widths: a group of k units of
 widths (w1, ..., wk) is the matrix [X1 .. Xk] with w1 + ... + wk columns.

@@ -11,7 +11,7 @@ projection ``P = I - U_D U_D^T`` (U_D: the deleted eigenvectors of Cxx). Because
     mean' = P mean,   C'xx = P Cxx P,   C(x, x') = Cxx P
 
 so the deleted unit's moments and its cross moments with the original follow from (n, mean,
-Cxx). Every metric is then finished by :func:`cluster.metrics.compare_pair`, the same code a
+Cxx). Every metric is then finished by :func:`repscope.cluster.pairs.compare_pair`, the same code a
 job uses: there is no second implementation of any metric.
 
 Two metrics are excluded:
@@ -33,10 +33,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from repscope.cluster.caches import EIG_FLOOR, prepare_unit
 from repscope.cluster.linalg import sorted_eigh
-from repscope.cluster.metrics import EIG_FLOOR, check_metrics, compare_pair, prepare_unit
 from repscope.cluster.moments import PairMoments, UnitMoments
+from repscope.cluster.pairs import compare_pair
 from repscope.cluster.rankstats import as_distance
+from repscope.cluster.registry import check_metrics
 from repscope.errors import InputError
 
 __all__ = [

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from repscope.cluster.metrics import METRICS, check_metrics
+from repscope.cluster.registry import METRICS, check_metrics
 from repscope.errors import InputError
 
 __all__ = [

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from repscope.cluster.accumulate import block_moments
 from repscope.cluster.bootstrap import bootstrap as shard_bootstrap
 from repscope.cluster.bootstrap import permutation_null
-from repscope.cluster.metrics import METRICS, similarity_matrices
+from repscope.cluster.matrices import similarity_matrices
 from repscope.cluster.moments import (
     CrossMoments,
-    block_moments,
     empty_moments,
     merge,
     merge_all,
@@ -47,6 +47,7 @@ from repscope.cluster.rankstats import (
     rank_correlation_with_function,
     seed_specificity,
 )
+from repscope.cluster.registry import METRICS
 from repscope.errors import InputError, NotFoundError
 
 #: Total columns of all units above which the in-process pass is refused (shards x D^2 floats).

@@ -22,8 +22,9 @@ from typing import TextIO
 import numpy as np
 
 from repscope.cluster.execute import Progress, connect, largest_node_cpus, run_tiles
-from repscope.cluster.metrics import METRICS, similarity_matrices
+from repscope.cluster.matrices import similarity_matrices
 from repscope.cluster.moments import UnitMoments, pair_moments, unit_moments
+from repscope.cluster.registry import METRICS
 from repscope.errors import ConflictError, NotFoundError
 from repscope.jobs.lock import output_lock
 from repscope.jobs.plan import Plan, make_groups, make_plan

@@ -271,7 +271,7 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
 
     workers: CPUs of the whole cluster the job may use; node_cpus: CPUs of its largest node
     (a task's BLAS threads run on one node; default: workers, as on one machine)."""
-    from repscope.cluster.metrics import METRICS
+    from repscope.cluster.registry import METRICS
 
     units = select_units(spec, store)
     n_rows = store.n_rows or 0

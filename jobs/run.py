@@ -17,6 +17,7 @@ from typing import TextIO
 import numpy as np
 
 from repscope.cluster.bootstrap import bootstrap
+from repscope.cluster.caches import UnitCache
 from repscope.cluster.execute import (
     Checkpoints,
     GramTask,
@@ -28,12 +29,9 @@ from repscope.cluster.execute import (
     run_tiles,
 )
 from repscope.cluster.gram import gram_similarity_matrices
-from repscope.cluster.metrics import (
-    METRICS,
-    UnitCache,
-    similarity_matrices,
-)
+from repscope.cluster.matrices import similarity_matrices
 from repscope.cluster.moments import merge_all, pair_moments, unit_moments
+from repscope.cluster.registry import METRICS
 from repscope.jobs.lock import output_lock
 from repscope.jobs.plan import Plan, make_plan
 from repscope.jobs.results import build_dataset, check_output, write_results
@@ -152,7 +150,7 @@ class TileFinalizer:
     A diagonal tile (a, a) gives its units' per-unit work (kept, small next to the moments)
     and its pairs; an off-diagonal tile (a, b) gives its pairs once both groups' units are
     prepared, and is held until then. Per-unit eigendecompositions and per-pair SVDs run on
-    ``threads`` threads, one BLAS thread each (cluster.metrics.similarity_matrices).
+    ``threads`` threads, one BLAS thread each (cluster.matrices.similarity_matrices).
     """
 
     def __init__(self, plan: Plan, metrics, *, svcca_threshold: float, threads: int,

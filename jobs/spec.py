@@ -149,7 +149,7 @@ def parse_spec(text: str, source: str = "<spec>") -> JobSpec:
 
 def spec_from_dict(raw: Any, source: str = "<spec>") -> JobSpec:
     """Check a spec given as plain data (the YAML's top-level mapping)."""
-    from repscope.cluster.metrics import check_metrics
+    from repscope.cluster.registry import check_metrics
 
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a job spec is a mapping of keys {', '.join(TOP_KEYS)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from repscope.cluster.accumulate import block_moments
 from repscope.cluster.bootstrap import (
     bootstrap,
     merge_weighted,
@@ -12,8 +13,9 @@ from repscope.cluster.bootstrap import (
     shard_weights,
     weighted,
 )
-from repscope.cluster.metrics import compare_pair, prepare_unit
-from repscope.cluster.moments import block_moments, merge_all, pair_moments, unit_moments
+from repscope.cluster.caches import prepare_unit
+from repscope.cluster.moments import merge_all, pair_moments, unit_moments
+from repscope.cluster.pairs import compare_pair
 from repscope.errors import InputError
 
 FIELDS = ("c", "s", "p", "q", "ta", "tb", "mean_a", "mean_b")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from repscope.cluster.accumulate import block_moments
 from repscope.cluster.compare import compare_arrays
-from repscope.cluster.moments import block_moments, unit_moments
+from repscope.cluster.moments import unit_moments
 from repscope.cluster.probes import (
     PROBE_METRICS,
     deleted_moments,

@@ -6,7 +6,8 @@ import pickle
 
 import numpy as np
 
-from repscope.cluster.moments import CrossMoments, UnitMoments, block_moments
+from repscope.cluster.accumulate import block_moments
+from repscope.cluster.moments import CrossMoments, UnitMoments
 from repscope.jobs.state import StateStore, decode, digest, encode
 
 

@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 from scipy.stats import ortho_group
 
+from repscope.cluster.accumulate import block_moments
+from repscope.cluster.caches import prepare_unit
 from repscope.cluster.compare import compare_arrays
-from repscope.cluster.metrics import (
-    METRICS,
-    FewRowsWarning,
-    check_metrics,
-    compare_pair,
-    prepare_unit,
-    similarity_matrices,
-)
-from repscope.cluster.moments import block_moments, merge_all, pair_moments, unit_moments
+from repscope.cluster.matrices import similarity_matrices
+from repscope.cluster.moments import merge_all, pair_moments, unit_moments
+from repscope.cluster.pairs import compare_pair
+from repscope.cluster.registry import METRICS, FewRowsWarning, check_metrics
 from repscope.errors import InputError
 from tests.math.naive import naive_metrics
 
@@ -270,7 +267,7 @@ def test_similarity_matrices_names_the_bad_unit():
 
 
 def test_nuclear_norms_of_mixed_shapes_in_order():
-    from repscope.cluster.metrics import nuclear_norms
+    from repscope.cluster.pairs import nuclear_norms
 
     rng = np.random.default_rng(5)
     blocks = [rng.standard_normal(shape) for shape in [(4, 3), (5, 5), (4, 3), (3, 4), (5, 5)]]

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from repscope.cluster.accumulate import block_moments
 from repscope.cluster.moments import (
     CrossMoments,
-    block_moments,
     empty_moments,
     merge,
     merge_all,

@@ -7,9 +7,12 @@ import json
 import numpy as np
 import pytest
 
+from repscope.cluster.accumulate import block_moments
+from repscope.cluster.caches import prepare_unit
 from repscope.cluster.compare import compare_arrays
-from repscope.cluster.metrics import METRICS, compare_pair, prepare_unit
-from repscope.cluster.moments import block_moments, merge_all, pair_moments, unit_moments
+from repscope.cluster.moments import merge_all, pair_moments, unit_moments
+from repscope.cluster.pairs import compare_pair
+from repscope.cluster.registry import METRICS
 
 PAIRS = ["kornblith_demo", "mnist_lay04", "svhn_lay06"]
 TOL = 1e-6  # absolute, float64 path (measured: < 1e-14)

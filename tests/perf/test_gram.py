@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from repscope.cluster.accumulate import block_moments
 from repscope.cluster.compare import compare_arrays
 from repscope.cluster.gram import (
     SAMPLE_METRICS,
@@ -13,8 +14,8 @@ from repscope.cluster.gram import (
     sample_space_metrics,
     unit_gram,
 )
-from repscope.cluster.metrics import similarity_matrices
-from repscope.cluster.moments import block_moments, pair_moments, unit_moments
+from repscope.cluster.matrices import similarity_matrices
+from repscope.cluster.moments import pair_moments, unit_moments
 from repscope.errors import InputError
 
 
@@ -29,7 +30,7 @@ def _layers(rows: int, widths, seed: int):
     return out
 
 
-@pytest.mark.filterwarnings("ignore::cluster.metrics.FewRowsWarning")
+@pytest.mark.filterwarnings("ignore::repscope.cluster.registry.FewRowsWarning")
 @pytest.mark.parametrize("rows, p, q", [(60, 90, 120), (300, 40, 25)])
 def test_every_sample_metric_equals_feature_space(rows, p, q):
     x, y = _layers(rows, [p], 1)[0], _layers(rows, [q], 2)[0]
@@ -45,7 +46,7 @@ def test_pwcca_is_refused_in_sample_space():
         sample_space_metrics(x, x, ["pwcca"])
 
 
-@pytest.mark.filterwarnings("ignore::cluster.metrics.FewRowsWarning")
+@pytest.mark.filterwarnings("ignore::repscope.cluster.registry.FewRowsWarning")
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-9), (np.float32, 1e-6)])
 def test_streamed_gram_tiles_equal_feature_space_matrices(dtype, tol):
     """The job path (a Gram per unit, tiles of unit groups) equals feature space, float64."""

@@ -1,0 +1,110 @@
+"""The pairwise driver: full (U, U) similarity matrices from per-unit and per-pair work.
+
+:func:`similarity_matrices` prepares each unit once (:mod:`repscope.cluster.caches`) and
+finishes each pair (:mod:`repscope.cluster.pairs`) on a few threads, one BLAS thread each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from repscope.cluster.caches import EIG_FLOOR, UnitCache, prepare_unit
+from repscope.cluster.moments import PairMoments, UnitMoments
+from repscope.cluster.pairs import compare_pair, nuclear_norms
+from repscope.cluster.registry import check_metrics
+from repscope.errors import InputError
+
+__all__ = ["similarity_matrices"]
+
+def similarity_matrices(
+    units: Sequence[UnitMoments | None],
+    cross: Callable[[int, int], PairMoments],
+    metrics: Iterable[str] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    svcca_threshold: float = 0.99,
+    eig_floor: float = EIG_FLOOR,
+    pairs: Iterable[tuple[int, int]] | None = None,
+    threads: int = 1,
+    caches: dict[int, UnitCache] | None = None,
+) -> dict[str, np.ndarray]:
+    """The pairwise driver: full (U, U) matrices per metric.
+
+    Parameters
+    ----------
+    units : the U units' moments (None for a unit whose cache is in ``caches``).
+    cross : ``cross(i, j)`` for i <= j returns the PairMoments of units i and j (for i == j,
+        Cxy = Cxx of the unit).
+    metrics : names (None: all).
+    names : unit names for messages (default "unit i").
+    pairs : the (i, j) to compute (either order; default all i <= j); the others are NaN, for
+        incremental runs.
+    threads : prepare units and compare pairs on this many threads (one BLAS thread each).
+    caches : per-unit work already done, by unit index; units prepared here are added to it,
+        so a caller finishing a job tile by tile prepares each unit once.
+
+    Returns
+    -------
+    dict mapping metric name to ndarray of shape (U, U); entry [i, j] is value(unit i, unit j)
+    (PWCCA: weighted by unit i's canonical variates).
+
+    Notes
+    -----
+    U prepares (each O(p^3), only for units in ``pairs``) and one compare per pair.
+    """
+    metrics = check_metrics(metrics)
+    count = len(units)
+    names = [f"unit {i}" for i in range(count)] if names is None else list(names)
+    if len(names) != count:
+        raise InputError(f"{len(names)} names for {count} units")
+    if pairs is None:
+        todo = [(i, j) for i in range(count) for j in range(i, count)]
+    else:
+        todo = []
+        for i, j in pairs:
+            if not (0 <= i < count and 0 <= j < count):
+                raise InputError(f"pair ({i}, {j}) out of range for {count} units")
+            todo.append((min(i, j), max(i, j)))
+        todo = sorted(set(todo))
+    def prepare(i: int) -> UnitCache:
+        return prepare_unit(units[i], metrics, svcca_threshold=svcca_threshold,
+                            eig_floor=eig_floor, name=names[i])
+
+    def compare_chunk(chunk: list[tuple[int, int]]) -> list[dict]:
+        moments = [cross(i, j) for i, j in chunk]
+        nuclear = (nuclear_norms([m.cxy for m in moments]) if "procrustes" in metrics
+                   else [None] * len(chunk))
+        return [compare_pair(caches[i], caches[j], m, metrics, nuclear=nu)
+                for (i, j), m, nu in zip(chunk, moments, nuclear, strict=True)]
+
+    caches = {} if caches is None else caches
+    needed = sorted({k for pair in todo for k in pair} - set(caches))
+    # Pairs in chunks of up to 64 (and 64 MiB of cross moments), so Procrustes' SVDs of a
+    # chunk are one stacked call (nuclear_norms).
+    widest = max((units[i].cxx.shape[0] if units[i] is not None else caches[i].dim
+                  for pair in todo for i in pair), default=1)
+    size = max(1, min(64, (64 << 20) // (8 * widest * widest)))
+    chunks = [todo[k:k + size] for k in range(0, len(todo), size)]
+    if threads > 1:
+        # Many small LAPACK calls: one BLAS thread each, `threads` of them at once, beats one
+        # call at a time with threaded BLAS (numpy releases the GIL for stacks and for
+        # large matrices, hence the chunks).
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+            caches.update(zip(needed, pool.map(prepare, needed), strict=True))
+            values = [v for part in pool.map(compare_chunk, chunks) for v in part]
+    else:
+        caches.update({i: prepare(i) for i in needed})
+        values = [v for chunk in chunks for v in compare_chunk(chunk)]
+
+    out = {k: np.full((count, count), np.nan) for k in metrics}
+    for (i, j), pair in zip(todo, values, strict=True):
+        for k, (xy, yx) in pair.items():
+            out[k][i, j] = xy
+            out[k][j, i] = yx
+    return out
