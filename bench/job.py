@@ -11,7 +11,7 @@ import time
 
 def main() -> None:
     t0 = time.perf_counter()
-    from repscope.jobs.run import run_job
+    from repscope.jobs.pipeline import run_job
     from repscope.jobs.spec import spec_from_dict
 
     spec = spec_from_dict(json.loads(sys.argv[1]))

@@ -93,7 +93,8 @@ def run_ours(url: str, w, out: str, rows: int | None = None, **compute):
     (summary, plan, matrices, units, seconds, PeakRSS of the child's process tree)."""
     from types import SimpleNamespace
 
-    from repscope.jobs.plan import make_plan
+    from repscope.cluster.execute import LocalExecutor
+    from repscope.jobs.plan import make_plan, select
     from repscope.jobs.results import open_results
     from repscope.jobs.spec import spec_from_dict
     from repscope.store import ActivationStore
@@ -112,7 +113,8 @@ def run_ours(url: str, w, out: str, rows: int | None = None, **compute):
         raise SystemExit(f"job for {w.name} failed (exit {proc.returncode})")
     summary = SimpleNamespace(**json.loads(stdout.strip().splitlines()[-1])["summary"])
     spec = spec_from_dict(raw)
-    plan = make_plan(spec, ActivationStore.open(url), workers=os.cpu_count() or 1)
+    resources = LocalExecutor(spec.compute.workers).resources(spec.compute.memory_per_worker)
+    plan = make_plan(spec, select(spec, ActivationStore.open(url)), resources)
     ds = open_results(out)
     matrices = {m: np.asarray(ds[m].values) for m in w.metrics}
     units = list(zip(ds["model_x"].values.tolist(), ds["layer_x"].values.tolist(), strict=True))

@@ -1,10 +1,12 @@
-"""Subcommands of `repscope` for jobs: run, show, report, submit, status, logs, stop."""
+"""Subcommands of `repscope` for jobs: run, nightly, ground, show, report, submit, status,
+logs, stop."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+from repscope.errors import InputError
 from repscope.jobs import report as report_mod
 from repscope.jobs import submit as submit_mod
 from repscope.store.cli import parse_storage_options, storage_option_arg
@@ -23,14 +25,14 @@ def _address(parser, required: bool = False) -> None:
 def _run_keeping_stdout(job):
     """Run a job with stdout kept for the summary: Ray prints cluster events (a lost node, a
     retried task) to stdout, so during the job they go to stderr, and the driver disconnects
-    from Ray before the summary is written, so nothing can follow it."""
+    from Ray before the summary is written (the executor closes when the job ends), so
+    nothing can follow it."""
     real_stdout, sys.stdout = sys.stdout, sys.stderr
     try:
         return job()
     finally:
-        import ray
-
-        if ray.is_initialized():
+        ray = sys.modules.get("ray")  # imported only if the job ran on Ray
+        if ray is not None and ray.is_initialized():
             ray.shutdown()
         sys.stdout = real_stdout
 
@@ -54,7 +56,7 @@ def _job_command(job, args) -> int:
 
 
 def cmd_run(args) -> int:
-    from repscope.jobs.run import run_job
+    from repscope.jobs.pipeline import run_job
 
     return _job_command(run_job, args)
 
@@ -115,6 +117,55 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise InputError(f"--pc-fractions must be comma-separated numbers in [0, 1], got {text!r}")
+    return values
+
+
+def cmd_ground(args) -> int:
+    from repscope.jobs.ground import run_ground
+    from repscope.jobs.ground_tables import plain
+    from repscope.jobs.spec import load_spec
+
+    spec = load_spec(args.spec)
+    summary = run_ground(
+        spec, args.scores, args.out, fractions=_fractions(args.pc_fractions),
+        replicates=args.bootstrap, permutations=args.permutations, shards=args.shards,
+        seed=args.seed, address=args.address)
+    if args.json:
+        print(json.dumps(summary, default=plain))
+    else:
+        for test, files in summary["files"].items():
+            print(f"{test}: {', '.join(files)}")
+    return 0
+
+
+def register_ground(subparsers) -> None:
+    from repscope.jobs.ground import DEFAULT_FRACTIONS
+
+    p = subparsers.add_parser(
+        "ground", help="the seed paper's statistical tests (PC deletion, rank correlation with "
+        "function, seed specificity, bootstrap intervals, permutation null)")
+    p.add_argument("spec", help="job spec (YAML): store, models, layers, metrics, rows")
+    p.add_argument("--scores", required=True, help="CSV 'model,score' (larger = better)")
+    p.add_argument("--out", default="ground-output", help="folder for tables and plots")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--pc-fractions", default=",".join(str(f) for f in DEFAULT_FRACTIONS),
+                   help="fractions of principal directions to delete")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates (0: off)")
+    p.add_argument("--permutations", type=int, default=10,
+                   help="row shuffles per unit pair for the null (0: off)")
+    p.add_argument("--shards", type=int, default=20, help="row shards the bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the permutation null")
+    _address(p)
+    p.set_defaults(func=cmd_ground)
+
+
 def register(sub) -> None:
     p = sub.add_parser("run", help="run a job spec on Ray and write its results store")
     p.add_argument("spec", help="job spec (YAML)")
@@ -168,3 +219,5 @@ def register(sub) -> None:
         if name == "status":
             p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    register_ground(sub)

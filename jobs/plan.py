@@ -1,48 +1,81 @@
-"""Planning: which units, which column groups and tiles, which row ranges.
+"""Planning: which units, which column groups and tiles, which row ranges, which tasks.
 
-A job's statistics are the centered cross moments of all its units' columns. Units are packed
-into column *groups* (consecutive in unit order) small enough that one *tile* (group a x
-group b, a <= b) fits a worker's memory; each tile is accumulated over *row ranges* by
-independent tasks whose partial moments merge exactly. With one group (the common case) every
-row shard is read once for all units.
+Two steps, both pure (metadata in, decisions out; no data read, no machine queried):
 
-Everything here is pure: it looks at store metadata, never at data.
+- :func:`select` checks a spec against a store's metadata: the units (models x layers, in
+  matrix order) and the rows. Every name is checked here, before any work or connection.
+- :func:`make_plan` splits the work for the :class:`~repscope.cluster.execute.Resources` the
+  executor offers. A job's statistics are the centered cross moments of all its units'
+  columns. Units are packed into column *groups* small enough that one *tile* (group a x
+  group b, a <= b) fits a worker's memory; each tile is accumulated over *row ranges* by
+  independent tasks whose partial moments merge exactly. With one group (the common case)
+  every row block is read once for all units. ``fresh`` restricts the pairs to those that
+  involve a fresh unit (nightly runs): fresh and unchanged units then form separate groups,
+  and no tile joins two groups of unchanged units.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
+from repscope.cluster.execute import Resources
+from repscope.cluster.gram import BASIS_METRICS, SAMPLE_METRICS, sample_space_flops
+from repscope.cluster.registry import METRICS
+from repscope.cluster.tasks import GramTask, TileTask, UnitRef
 from repscope.errors import InputError, NotFoundError
 from repscope.jobs.spec import JobSpec, closest
+from repscope.jobs.state import digest
 from repscope.store.layout import format_bytes, natural_sorted
 
 # Per tile a task holds the float64 accumulator, the block product and a merge temporary.
 _TILE_COPIES = 3
 # float32 input rows per GEMM block of a tile (the group read once on a diagonal tile, both
 # groups otherwise): large blocks keep the GEMMs at BLAS peak and make the per-block
-# d_a x d_b accumulator addition small next to them (W2's first 20,000 rows: 2,184-row
-# blocks 38.3 s, 4,369 36.6 s, 8,192 35.0 s of accumulation).
+# d_a x d_b accumulator addition small next to them (docs/performance.md).
 _BLOCK_BYTES = 512 << 20
 _MIN_BLOCK_ROWS = 2048
+_MAX_BLOCK_ROWS = 65536
 # Sample space: gram_products' float64 slab buffers (cluster.gram._SLAB_BYTES).
 _SLAB_BYTES = 128 << 20
-_MAX_BLOCK_ROWS = 65536
 _MAX_TASK_THREADS = 16
+# All row-range partials of a job together stay under this (memory flat in rows).
 _PARTIAL_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
 class PlannedUnit:
+    """One unit of the job: its name, width and the content it was planned on."""
+
     model: str
     layer: str
     features: int
+    fingerprint: str = ""  # content fingerprint at planning (same fingerprint, same data)
+    version: str | None = None  # the store's version of the unit, pinned for every read
 
     @property
     def label(self) -> str:
         return f"{self.model}/{self.layer}"
+
+    @property
+    def ref(self) -> UnitRef:
+        return UnitRef(self.model, self.layer, self.version)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A spec checked against a store: the units in matrix order and the rows [start, stop).
+
+    row_fingerprint: the store's row set (checkpoint keys and results record it).
+    """
+
+    units: tuple[PlannedUnit, ...]
+    rows: tuple[int, int]
+    row_fingerprint: str
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows[1] - self.rows[0]
 
 
 @dataclass(frozen=True)
@@ -50,9 +83,11 @@ class Plan:
     """What a job computes and how the work is split.
 
     units: the job's units in matrix order (models in spec order, layers in store order).
-    groups: unit indices of each column group, consecutive and in unit order.
-    tiles: (group a, group b) with a <= b; every unit pair (i <= j) lies in exactly one.
-    row_ranges: [start, stop) of each task's rows; together they cover rows once.
+    groups: unit indices of each column group, in unit order within a group.
+    tiles: (group a, group b) with a <= b; every pair the job computes (i <= j) lies in
+        exactly one of them (see tile_pairs).
+    fresh: the units whose pairs are computed (all units, except in nightly runs).
+    row_ranges: [start, stop) of each task's rows; together they cover the rows once.
     block_rows: rows per GEMM inside a task of the widest tile (see tile_block_rows).
     """
 
@@ -66,12 +101,14 @@ class Plan:
     memory_per_worker: int
     fourth: bool
     precision: str
+    fresh: frozenset[int] = frozenset()
     space: str = "feature"
     threads: int = 1  # BLAS threads per task (Ray CPUs it asks for)
     basis: bool = False  # sample space: per-unit Gram eigenpairs (CCA family, Procrustes)
     tile_threads: int = 1  # sample space: BLAS threads of each tile task
     block_bytes: int = 0  # feature space: input bytes per block (0: block_rows everywhere)
-    stream_tiles: bool = False  # feature space: finish tiles as they arrive (jobs.run)
+    stream_tiles: bool = False  # feature space: finish tiles as they arrive (jobs.finish)
+    driver_cpus: int = 1  # threads the driver finishes pairs with
 
     @property
     def n_rows(self) -> int:
@@ -79,8 +116,15 @@ class Plan:
 
     @property
     def n_pairs(self) -> int:
-        u = len(self.units)
-        return u * (u + 1) // 2
+        """Pairs (i <= j) the plan computes."""
+        return sum(len(self.tile_pairs(t)) for t in self.tiles)
+
+    def tile_pairs(self, tile: tuple[int, int]) -> list[tuple[int, int]]:
+        """The pairs (i <= j) of a tile that the job computes: those with a fresh unit (a
+        diagonal tile of unchanged units has none; it is there for their own statistics)."""
+        a, b = tile
+        return sorted({(min(i, j), max(i, j)) for i in self.groups[a] for j in self.groups[b]
+                       if i in self.fresh or j in self.fresh})
 
     def group_of(self, unit: int) -> tuple[int, int]:
         """(group index, position inside the group) of a unit."""
@@ -106,7 +150,8 @@ class Plan:
         Sample space: the Grams, n^2 d per unit (syrk); the float64 inner products
         (U^2 n^2) and eigendecompositions are not counted."""
         if self.space == "sample":
-            return float(self.n_rows) ** 2 * sum(u.features for u in self.units)
+            used = {i for g in self.groups for i in g}
+            return float(self.n_rows) ** 2 * sum(self.units[i].features for i in used)
         total = 0.0
         for a, b in self.tiles:
             da, db = sum(self.widths(a)), sum(self.widths(b))
@@ -114,27 +159,47 @@ class Plan:
         return total
 
 
-def select_units(spec: JobSpec, store) -> tuple[PlannedUnit, ...]:
-    """The spec's units, checked against the store; unknown names are refused with a hint."""
-    listed = store.units()  # one listing (it reads every unit's metadata)
-    models = natural_sorted({m for m, _ in listed})
-    if not models:
-        raise InputError(f"store {store.url} holds no units yet; ingest activations first")
-    chosen = spec.models if spec.models is not None else tuple(models)
+# -- selection ------------------------------------------------------------------------------
+
+
+def _chosen_models(spec: JobSpec, models: list[str], url: str) -> tuple[str, ...]:
+    """The job's models: the spec's list, else the layers mapping's keys, else all."""
+    if spec.models is not None:
+        chosen = spec.models
+    elif isinstance(spec.layers, dict):
+        chosen = tuple(spec.layers)
+    else:
+        chosen = tuple(models)
     for m in chosen:
         if m not in models:
-            raise NotFoundError(f"model {m!r} is not in store {store.url}{closest(m, models)}")
+            raise NotFoundError(f"model {m!r} is not in store {url}{closest(m, models)}")
     if isinstance(spec.layers, dict):
         for m in spec.layers:
             if m not in chosen:
-                raise InputError(f"layers lists model {m!r}, which the job does not include")
+                raise InputError(f"layers lists model {m!r}, which models does not include")
+        for m in chosen:
+            if m not in spec.layers:
+                raise InputError(
+                    f"models lists {m!r} but the layers mapping names no layers for it; add "
+                    f"'{m}: [...]' to layers, or use a list of layers for every model"
+                )
+    return chosen
+
+
+def select(spec: JobSpec, store) -> Selection:
+    """The spec's units and rows, checked against the store; unknown names are refused with
+    a hint. Reads metadata only (one listing of the store's units)."""
+    listed = store.units()
+    models = natural_sorted({m for m, _ in listed})
+    if not models:
+        raise InputError(f"store {store.url} holds no units yet; ingest activations first")
     units = []
-    for m in chosen:
+    for m in _chosen_models(spec, models, store.url):
         available = [layer for model, layer in listed if model == m]
         if spec.layers is None:
             wanted = available
         elif isinstance(spec.layers, dict):
-            wanted = spec.layers.get(m, available)
+            wanted = spec.layers[m]
         else:
             wanted = spec.layers
         for layer in wanted:
@@ -143,8 +208,11 @@ def select_units(spec: JobSpec, store) -> tuple[PlannedUnit, ...]:
                     f"layer {layer!r} of model {m!r} is not in store {store.url}"
                     f"{closest(layer, available)}"
                 )
-            units.append(PlannedUnit(m, layer, store.unit_info(m, layer).features))
-    return tuple(units)
+            info = store.unit_info(m, layer)
+            units.append(PlannedUnit(m, layer, info.features, info.fingerprint,
+                                     getattr(info, "version", None)))
+    return Selection(tuple(units), resolve_rows(spec, store.n_rows or 0),
+                     store.row_fingerprint or "")
 
 
 def resolve_rows(spec: JobSpec, n_rows: int) -> tuple[int, int]:
@@ -157,13 +225,7 @@ def resolve_rows(spec: JobSpec, n_rows: int) -> tuple[int, int]:
     return start, stop
 
 
-def default_memory_per_worker(workers: int) -> int:
-    """Half of this machine's memory shared among the workers."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
-    return max(256 << 20, total // (2 * max(1, workers)))
+# -- splitting the work ---------------------------------------------------------------------
 
 
 def make_groups(widths: list[int], max_width: int) -> tuple[tuple[int, ...], ...]:
@@ -183,6 +245,28 @@ def make_groups(widths: list[int], max_width: int) -> tuple[tuple[int, ...], ...
     return tuple(tuple(g) for g in groups)
 
 
+def _grouped(members: list[int], widths: list[int], max_width: int):
+    """make_groups over a subset of the units (given in unit order): groups of unit indices."""
+    local = make_groups([widths[i] for i in members], max_width) if members else ()
+    return tuple(tuple(members[k] for k in g) for g in local)
+
+
+def _groups_and_tiles(widths: list[int], fresh: frozenset[int], max_width: int,
+                      unit_tiles: bool):
+    """Groups of fresh units, then groups of the others; the tiles touching a fresh group,
+    and with ``unit_tiles`` the diagonal tiles of the other groups too (for their units' own
+    statistics: sample-space self products, bootstrap shards)."""
+    fresh_units = [i for i in range(len(widths)) if i in fresh]
+    stale = [i for i in range(len(widths)) if i not in fresh]
+    fresh_groups = _grouped(fresh_units, widths, max_width)
+    groups = fresh_groups + _grouped(stale, widths, max_width)
+    n_fresh = len(fresh_groups)
+    tiles = [(a, b) for a in range(n_fresh) for b in range(a, len(groups))]
+    if unit_tiles:
+        tiles += [(g, g) for g in range(n_fresh, len(groups))]
+    return groups, tuple(tiles)
+
+
 def sample_unit_bytes(n: int, width: int, basis: bool) -> int:
     """Memory of one unit's Gram task: its rows read and centered (float32), its Gram, and
     with the basis a float64 copy plus eigh's workspace and eigenvectors."""
@@ -199,8 +283,6 @@ def choose_space(spec: JobSpec, n: int, widths: list[int], memory: int) -> str:
     the memory per worker, and has no form for PWCCA or the bootstrap (which resamples
     feature-space partials); a spec forcing it there is refused.
     """
-    from repscope.cluster.gram import BASIS_METRICS, SAMPLE_METRICS, sample_space_flops
-
     space = spec.compute.space
     if spec.compute.bootstrap:
         if space == "sample":
@@ -228,16 +310,15 @@ def choose_space(spec: JobSpec, n: int, widths: list[int], memory: int) -> str:
         else "feature"
 
 
-def _sample_plan(spec: JobSpec, units, rows, memory: int, workers: int,
-                 node_cpus: int | None, fourth: bool) -> Plan:
+def _sample_plan(spec: JobSpec, sel: Selection, res: Resources, fresh: frozenset[int],
+                 fourth: bool) -> Plan:
     """Sample space: one task per unit (its Gram), then tiles of unit groups (the pairs).
 
     A tile task maps the Grams of its two groups (and their eigenvectors): groups hold as
     many units as fit half the memory per worker. With basis metrics (per-pair SVDs) there
     are at least two tiles per worker, so the pairs spread over the cluster.
     """
-    from repscope.cluster.gram import BASIS_METRICS
-
+    units, rows, memory, workers = sel.units, sel.rows, res.memory_per_worker, res.workers
     n = rows[1] - rows[0]
     count = len(units)
     basis = any(m in BASIS_METRICS for m in spec.metrics)
@@ -254,38 +335,46 @@ def _sample_plan(spec: JobSpec, units, rows, memory: int, workers: int,
     if basis:
         while n_groups < count and n_groups * (n_groups + 1) // 2 < 2 * workers:
             n_groups += 1
-    groups = make_groups([1] * count, math.ceil(count / n_groups))
-    tiles = tuple((a, b) for a in range(len(groups)) for b in range(a, len(groups)))
+    groups, tiles = _groups_and_tiles([1] * count, fresh, math.ceil(count / n_groups), True)
     # Unit tasks: one BLAS thread each when there are units for every worker, else the
     # workers shared among the units (up to one node's CPUs).
-    cap = min(node_cpus or workers, _MAX_TASK_THREADS)
+    cap = min(res.node_cpus, _MAX_TASK_THREADS)
     threads = max(1, min(workers // count, cap))
     return Plan(units=units, groups=groups, tiles=tiles, row_ranges=(rows,), block_rows=n,
                 rows=rows, workers=workers, memory_per_worker=memory, fourth=fourth,
-                precision=spec.compute.precision, space="sample", threads=threads,
-                basis=basis, tile_threads=max(1, min(workers // len(tiles), cap)))
+                precision=spec.compute.precision, fresh=fresh, space="sample",
+                threads=threads, basis=basis,
+                tile_threads=max(1, min(workers // max(1, len(tiles)), cap)),
+                driver_cpus=res.driver_cpus)
 
 
-def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = None) -> Plan:
-    """Check the spec against the store and split the work. Reads metadata only.
+def make_plan(spec: JobSpec, sel: Selection, res: Resources, *,
+              fresh: frozenset[int] | set[int] | None = None,
+              known: frozenset[int] | set[int] = frozenset()) -> Plan:
+    """Split the work of a selection for the given resources. Pure: runs once per job.
 
-    workers: CPUs of the whole cluster the job may use; node_cpus: CPUs of its largest node
-    (a task's BLAS threads run on one node; default: workers, as on one machine)."""
-    from repscope.cluster.registry import METRICS
-
-    units = select_units(spec, store)
-    n_rows = store.n_rows or 0
-    rows = resolve_rows(spec, n_rows)
+    fresh: units whose pairs are to be computed (None: all of them); pairs of two other
+    units are left out (their values come from elsewhere, e.g. a previous nightly run).
+    known: other units whose own moments the caller has (loaded from the state); the
+    feature space then needs no tile for them.
+    """
+    units, rows = sel.units, sel.rows
+    fresh = frozenset(range(len(units)) if fresh is None else fresh)
+    unknown = any(i not in fresh and i not in known for i in range(len(units)))
+    if not fresh:
+        raise InputError("nothing to compute: no unit is new or changed")
     n = rows[1] - rows[0]
-    memory = spec.compute.memory_per_worker or default_memory_per_worker(workers)
+    memory, workers = res.memory_per_worker, res.workers
     widths = [u.features for u in units]
     space = choose_space(spec, n, widths, memory)
     fourth = any(METRICS[m].needs_fourth for m in spec.metrics)
     if space == "sample":
-        return _sample_plan(spec, units, rows, memory, workers, node_cpus, fourth)
+        return _sample_plan(spec, sel, res, fresh, fourth)
     max_width = max(1, int(math.sqrt(memory / (8 * _TILE_COPIES))))
-    groups = make_groups(widths, max_width)
-    tiles = tuple((a, b) for a in range(len(groups)) for b in range(a, len(groups)))
+    # Unchanged units keep their diagonal tiles when their moments are not at hand, and for
+    # a bootstrap (which resamples every unit's own moments too).
+    groups, tiles = _groups_and_tiles(widths, fresh, max_width,
+                                      unknown or bool(spec.compute.bootstrap))
 
     width = [sum(units[i].features for i in g) for g in groups]
     widest_tile = max(width[a] + (0 if a == b else width[b]) for a, b in tiles)
@@ -293,15 +382,15 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
     # A block and the next one (prefetched) in at most half the memory per worker.
     block_bytes = min(_BLOCK_BYTES, memory // 4)
     block_rows = spec.compute.block_rows or _block_rows(block_bytes, widest_tile)
-    # Few tiles (fewer than two per worker): tasks of several BLAS threads (up to one
-    # machine's worth). On 2 cores that is one task per tile with both cores, tiles one after
-    # another: one accumulator in memory, no idle worker at the end (faster than a task per
-    # CPU, docs/performance.md). Tiles are split into row ranges (partials merged exactly)
-    # only while all the partials together stay under _PARTIAL_BYTES: whatever the rows, the
-    # job's memory is bounded (flat in rows). Many tiles: one single-threaded task per tile.
+    # Few tiles (fewer than two per worker): tasks of several BLAS threads (up to one node's
+    # worth). On 2 cores that is one task per tile with both cores, tiles one after another:
+    # one accumulator in memory, no idle worker at the end (docs/performance.md). Tiles are
+    # split into row ranges (partials merged exactly) only while all the partials together
+    # stay under _PARTIAL_BYTES: whatever the rows, the job's memory is bounded (flat in
+    # rows). Many tiles: one single-threaded task per tile.
     tile_bytes = max(tile_sizes)
     if len(tiles) < 2 * workers:
-        threads = min(workers, node_cpus or workers, _MAX_TASK_THREADS)
+        threads = min(workers, res.node_cpus, _MAX_TASK_THREADS)
         splits = max(1, min(math.ceil(2 * workers / len(tiles)), math.ceil(n / block_rows)))
         if splits * len(tiles) * tile_bytes > _PARTIAL_BYTES:
             splits = 1
@@ -312,11 +401,12 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
         # kept on the driver.
         splits = spec.compute.bootstrap_shards
         held = splits * len(tiles) * tile_bytes
-        if held > default_memory_per_worker(1):
+        if held > res.driver_memory:
             raise InputError(
                 f"compute.bootstrap keeps {splits} shards x {len(tiles)} tile partials "
-                f"({held / 2**30:.1f} GiB) on the driver, more than half this machine's "
-                "memory: use fewer bootstrap_shards or fewer or narrower units"
+                f"({format_bytes(held)}) on the driver, more than the "
+                f"{format_bytes(res.driver_memory)} it may hold: use fewer bootstrap_shards "
+                "or fewer or narrower units"
             )
         if n < 2 * splits:
             raise InputError(f"compute.bootstrap_shards ({splits}) needs at least 2 rows "
@@ -324,7 +414,7 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
     edges = [rows[0] + (n * k) // splits for k in range(splits + 1)]
     row_ranges = tuple((edges[k], edges[k + 1]) for k in range(splits))
     # The driver finishes tiles after the accumulation, with every CPU, while the job's
-    # moments take under a quarter of its memory; beyond, it finishes each tile as it
+    # moments take under half of the memory it may hold; beyond, it finishes each tile as it
     # arrives and lets it go (that work then competes with the accumulation for CPUs).
     return Plan(
         units=units,
@@ -337,11 +427,64 @@ def make_plan(spec: JobSpec, store, *, workers: int, node_cpus: int | None = Non
         memory_per_worker=memory,
         fourth=fourth,
         precision=spec.compute.precision,
+        fresh=fresh,
         threads=threads,
-        stream_tiles=sum(tile_sizes) > default_memory_per_worker(1) // 2,
+        stream_tiles=sum(tile_sizes) > res.driver_memory // 2,
         block_bytes=0 if spec.compute.block_rows else block_bytes,
+        driver_cpus=res.driver_cpus,
     )
 
 
 def _block_rows(block_bytes: int, width: int) -> int:
     return int(min(_MAX_BLOCK_ROWS, max(_MIN_BLOCK_ROWS, block_bytes // (4 * width))))
+
+
+# -- tasks ----------------------------------------------------------------------------------
+
+
+def tile_tasks(plan: Plan, row_fingerprint: str | None = None) -> dict[tuple[int, int],
+                                                                        list[TileTask]]:
+    """Every tile's tasks, one per row range. With the store's ``row_fingerprint``, each task
+    gets a checkpoint key over everything its partial depends on: the store's rows, its units'
+    content fingerprints, its row range and how it accumulates."""
+    def refs(g: int) -> tuple[UnitRef, ...]:
+        return tuple(plan.units[i].ref for i in plan.groups[g])
+
+    def key(a: int, b: int, start: int, stop: int) -> str | None:
+        if row_fingerprint is None:
+            return None
+        members = [plan.units[i] for i in plan.groups[a] + plan.groups[b]]
+        return digest(row_fingerprint, [(u.model, u.layer) for u in members],
+                      [u.fingerprint for u in members], start, stop,
+                      plan.tile_block_rows(a, b), plan.precision, plan.fourth, a == b)
+
+    tasks = {}
+    for a, b in plan.tiles:
+        tasks[(a, b)] = [
+            TileTask(
+                units_a=refs(a),
+                widths_a=plan.widths(a),
+                units_b=None if a == b else refs(b),
+                widths_b=None if a == b else plan.widths(b),
+                start=start,
+                stop=stop,
+                block_rows=plan.tile_block_rows(a, b),
+                fourth=plan.fourth,
+                precision=plan.precision,
+                threads=plan.threads if plan.threads > 1 else None,
+                checkpoint_key=key(a, b, start, stop),
+                # A finished task's moments are saved only if they wait for something: sibling
+                # row ranges, or (tiles finished after the accumulation) other tiles. A
+                # streamed tile of one task is finished (and saved small) at once.
+                save_result=len(plan.row_ranges) > 1 or (not plan.stream_tiles
+                                                         and len(plan.tiles) > 1),
+            )
+            for start, stop in plan.row_ranges
+        ]
+    return tasks
+
+
+def gram_tasks(plan: Plan) -> list[GramTask]:
+    """Sample space: one task per unit, its Gram over the job's rows."""
+    return [GramTask(u.ref, plan.rows[0], plan.rows[1], plan.precision, plan.basis,
+                     threads=plan.threads) for u in plan.units]

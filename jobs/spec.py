@@ -39,9 +39,11 @@ COMPUTE_KEYS = (
     "checkpoint_seconds",
     "bootstrap",
     "bootstrap_shards",
+    "executor",
 )
 PRECISIONS = ("float32", "float64")
 SPACES = ("auto", "feature", "sample")
+EXECUTORS = ("auto", "process", "ray")
 
 
 def closest(name: str, choices) -> str:
@@ -66,6 +68,9 @@ class Compute:
     matrix entry (0: none); bootstrap_shards: the row shards it resamples.
     space: "feature" (d x d moments per unit pair, cost n d^2), "sample" (n x n Gram per
     unit, cost n^2 d) or "auto" (the planner picks the cheaper one that fits memory).
+    executor: where the tasks run: "process" (this process), "ray" (an embedded instance or
+    the cluster of --address/RAY_ADDRESS) or "auto" (a cluster when an address is given,
+    else this process for small jobs and memory:// stores, else an embedded Ray instance).
     """
 
     workers: int | None = None
@@ -77,6 +82,7 @@ class Compute:
     bootstrap: int = 0
     bootstrap_shards: int = 20
     space: str = "auto"
+    executor: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class JobSpec:
                 "checkpoint_seconds": c.checkpoint_seconds,
                 "bootstrap": c.bootstrap,
                 "bootstrap_shards": c.bootstrap_shards,
+                "executor": c.executor,
             },
         }
 
@@ -306,7 +313,14 @@ def _compute(value: Any, source: str) -> Compute:
     if bootstrap == 1:
         raise SpecError(f"{source}: compute.bootstrap needs at least 2 replicates (or 0)")
     shards = _int(value.get("bootstrap_shards", 20), "compute.bootstrap_shards", source, 2)
+    executor = value.get("executor", "auto")
+    if executor not in EXECUTORS:
+        raise SpecError(
+            f"{source}: compute.executor must be one of {', '.join(EXECUTORS)}, got "
+            f"{executor!r}"
+        )
     return Compute(
+        executor=executor,
         bootstrap=bootstrap,
         bootstrap_shards=shards,
         workers=workers,

@@ -26,7 +26,8 @@ def _isolate_from_home() -> Path:
     Ray's ``ray.init`` writes ``~/.ray/auth_token`` and ``ray start`` with token auth reads
     it; matplotlib caches fonts under ``~/.cache``. Tests never touch the user's HOME: the
     session gets a fresh one, and every Ray instance (embedded or ``ray start``) the token in
-    ``RAY_AUTH_TOKEN_PATH``, so nothing depends on what an earlier run left behind.
+    ``RAY_AUTH_TOKEN_PATH`` (token mode on), so nothing depends on what an earlier run left
+    behind.
     """
     root = Path(tempfile.mkdtemp(prefix="repscope-tests-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
@@ -35,6 +36,9 @@ def _isolate_from_home() -> Path:
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
     os.environ["HOME"] = str(root / "home")
+    # Token mode from the start: Ray reads it once per process (at import), and every
+    # instance of the session, embedded or `ray start`, uses this token.
+    os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     for name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "MPLCONFIGDIR", "XDG_CACHE_HOME",
                  "XDG_CONFIG_HOME"):

@@ -9,10 +9,12 @@ by name: other work may share the machine.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ class RayCluster:
     head: subprocess.Popen
     workers: list[subprocess.Popen] = field(default_factory=list)
     log_dir: Path | None = None
+    temp_dir: str = ""  # the cluster's own Ray temp dir (sessions, sockets, address file)
 
     def add_worker(self, num_cpus: int = 1) -> subprocess.Popen:
         """Start one more node (`ray start --address ... --block`); returns its process."""
@@ -42,7 +45,7 @@ class RayCluster:
         proc = subprocess.Popen(
             [RAY, "start", f"--address={self.address}", "--block",
              "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
-             *node_ports()],
+             f"--temp-dir={self.temp_dir}", *node_ports()],
             stdout=log, stderr=subprocess.STDOUT, env=ray_env(), start_new_session=True,
         )
         self.workers.append(proc)
@@ -102,17 +105,26 @@ def _wait_for_jobs_api(url: str, proc: subprocess.Popen, timeout: float = 90) ->
 
 
 def start_cluster(log_dir: Path, head_cpus: int = 2) -> RayCluster:
-    """Start a head node on loopback and wait for its Jobs API; stop it with stop_cluster."""
+    """Start a head node on loopback and wait for its Jobs API; stop it with stop_cluster.
+
+    The cluster gets its own Ray temp dir: with the shared /tmp/ray, a job submitted to it
+    finds its cluster's address through /tmp/ray's "current cluster" file, which the newest
+    Ray instance on the machine (another test's, another user's) overwrites. Short, under
+    /tmp: Unix socket paths inside it must stay under ~107 characters.
+    """
     port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rs-ray-", dir="/tmp")
     os.environ["RAY_AUTH_MODE"] = "token"  # this process is a client too
     log = open(log_dir / "head.log", "w")  # noqa: SIM115
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={head_cpus}",
-         f"--ray-client-server-port={free_port()}", "--disable-usage-stats", *node_ports()],
+         f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}", *node_ports()],
         stdout=log, stderr=subprocess.STDOUT, env=ray_env(), start_new_session=True,
     )
-    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", head, log_dir=log_dir)
+    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", head,
+                         log_dir=log_dir, temp_dir=temp_dir)
     try:
         _wait_for_jobs_api(cluster.dashboard, head)
     except BaseException:
@@ -125,6 +137,7 @@ def stop_cluster(cluster: RayCluster) -> None:
     for w in cluster.workers:
         stop_process(w)
     stop_process(cluster.head)
+    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

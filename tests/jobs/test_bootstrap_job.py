@@ -8,7 +8,7 @@ import xarray as xr
 
 from repscope.errors import InputError
 from repscope.jobs.cli import main
-from repscope.jobs.run import run_job
+from repscope.jobs.pipeline import run_job
 from repscope.jobs.spec import parse_spec
 from tests.jobs.conftest import make_store
 

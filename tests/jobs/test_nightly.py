@@ -12,7 +12,7 @@ import xarray as xr
 from repscope.errors import ConflictError
 from repscope.jobs.cli import main
 from repscope.jobs.nightly import nightly_job
-from repscope.jobs.run import run_job
+from repscope.jobs.pipeline import run_job
 from repscope.jobs.spec import parse_spec
 from repscope.store import ActivationStore, ingest_array
 from tests.jobs.conftest import deep_net_activations, make_store

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from repscope.cluster.execute import Progress
+from repscope.jobs.progress import Progress
 
 
 class Terminal(io.StringIO):

@@ -1,4 +1,5 @@
-"""End-to-end runs on an embedded local Ray: matrices equal the in-memory formulas.
+"""End-to-end runs, in this process and on an embedded local Ray: matrices equal the
+in-memory formulas.
 
 Tolerances: float64 GEMMs 1e-8 absolute against cluster.compare.compare_arrays (the same
 finalizers on a one-shot computation); tiling and row splits change only the merge order,
@@ -16,7 +17,7 @@ import xarray as xr
 from repscope.cluster.compare import compare_arrays
 from repscope.errors import ConflictError, InputError, NotFoundError
 from repscope.jobs.cli import main
-from repscope.jobs.run import run_job
+from repscope.jobs.pipeline import run_job
 from repscope.jobs.spec import parse_spec
 from tests.jobs.conftest import make_store
 
@@ -44,10 +45,13 @@ def run(text: str, **kw):
     return run_job(parse_spec(text), **kw)
 
 
-def test_matrices_equal_in_memory_metrics(small_store, tmp_path, embedded_ray):
+@pytest.mark.parametrize("executor", ["process", "ray"])
+def test_matrices_equal_in_memory_metrics(small_store, tmp_path, embedded_ray, executor):
     store, data = small_store
     out = tmp_path / "r.zarr"
-    summary = run(spec_for(store, str(out), compute={"precision": "float64"}))
+    summary = run(spec_for(store, str(out), compute={"precision": "float64",
+                                                     "executor": executor}))
+    assert summary.executor == ("process" if executor == "process" else "embedded")
     units = list(data)
     assert summary.units == 6 and summary.pairs_total == 21 and summary.pairs_computed == 21
     ds = xr.open_zarr(out)
@@ -61,13 +65,16 @@ def test_matrices_equal_in_memory_metrics(small_store, tmp_path, embedded_ray):
                 assert got == pytest.approx(expected[metric], abs=1e-8), (metric, ui, uj)
 
 
-def test_tiles_and_row_ranges_do_not_change_the_answer(small_store, tmp_path, embedded_ray):
+@pytest.mark.parametrize("executor", ["process", "ray"])
+def test_tiles_and_row_ranges_do_not_change_the_answer(small_store, tmp_path, embedded_ray,
+                                                       executor):
     store, _ = small_store
     one = run(spec_for(store, str(tmp_path / "one.zarr"), compute={"precision": "float64"}))
     # widths 6, 9, 5, 6, 9, 5: a 9600-byte budget allows 20 columns per group -> 2 groups,
     # 3 tiles, each split into row ranges of 64-row blocks
     many = run(spec_for(store, str(tmp_path / "many.zarr"), compute={
-        "precision": "float64", "memory_per_worker": 9600, "block_rows": 64, "workers": 2}))
+        "precision": "float64", "memory_per_worker": 9600, "block_rows": 64, "workers": 2,
+        "executor": executor}))
     assert one.tiles == 1 and many.tiles == 3 and many.tasks > many.tiles
     a, b = xr.open_zarr(tmp_path / "one.zarr"), xr.open_zarr(tmp_path / "many.zarr")
     for metric in ALL:
@@ -121,7 +128,9 @@ def test_results_store_attributes(small_store, tmp_path, embedded_ray):
         ({"models": ["c"]}, NotFoundError, r"model 'c' is not in store"),
         ({"models": ["aa"]}, NotFoundError, r"did you mean 'a'"),
         ({"layers": ["layer9"]}, NotFoundError, r"layer 'layer9' of model 'a'"),
-        ({"layers": {"z": ["layer1"]}}, InputError, r"model 'z'"),
+        ({"layers": {"z": ["layer1"]}}, NotFoundError, r"model 'z' is not in store"),
+        ({"models": ["a", "b"], "layers": {"a": ["layer1"]}}, InputError,
+         r"models lists 'b' but the layers mapping names no layers for it"),
         ({"rows": {"start": 0, "stop": 601}}, InputError, r"rows.stop is 601 but.*only 600"),
     ],
 )

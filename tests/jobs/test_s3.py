@@ -9,8 +9,8 @@ import pytest
 
 from repscope.cluster.compare import compare_arrays
 from repscope.jobs.cli import main
+from repscope.jobs.pipeline import run_job
 from repscope.jobs.results import open_results
-from repscope.jobs.run import run_job
 from repscope.jobs.spec import spec_from_dict
 from tests.jobs.conftest import make_store
 from tests.s3server import FAKE_KEY, FAKE_SECRET

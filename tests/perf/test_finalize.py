@@ -9,13 +9,14 @@ import warnings
 import pytest
 
 from repscope.cluster.compare import compare_arrays
-from repscope.cluster.execute import accumulate_tile
 from repscope.cluster.moments import merge_all
-from repscope.jobs.plan import make_plan
-from repscope.jobs.run import TileFinalizer, tile_tasks
+from repscope.cluster.tasks import accumulate_tile
+from repscope.jobs.finish import TileFinalizer
+from repscope.jobs.plan import tile_tasks
 from repscope.jobs.spec import spec_from_dict
 from repscope.store import ActivationStore
 from tests.jobs.conftest import make_store
+from tests.planning import plan_for
 
 METRICS = ["linear_cka", "linear_cka_debiased", "mean_cca", "pwcca", "procrustes"]
 
@@ -27,7 +28,7 @@ def tiled(tmp_path_factory):
     spec = spec_from_dict({"store": url, "output": "/unused.zarr", "metrics": METRICS,
                            "compute": {"memory_per_worker": "4KiB", "precision": "float64"}})
     store = ActivationStore.open(url)
-    plan = make_plan(spec, store, workers=2)
+    plan = plan_for(spec, store, workers=2)
     assert len(plan.groups) >= 3  # several diagonal and off-diagonal tiles
     tiles = {tile: merge_all([accumulate_tile(store, t) for t in tasks])
              for tile, tasks in tile_tasks(plan, None).items()}
@@ -39,7 +40,7 @@ def test_any_arrival_order_gives_the_in_memory_matrices(tiled):
     units = [(u.model, u.layer) for u in plan.units]
     orders = [list(tiles), list(reversed(tiles))]
     for order in orders:
-        fin = TileFinalizer(plan, METRICS, svcca_threshold=0.99, threads=2)
+        fin = TileFinalizer(plan, METRICS, svcca_threshold=0.99)
         for tile in order:
             fin.add(tile, tiles[tile])
         if order[0][0] != order[0][1]:
@@ -55,7 +56,7 @@ def test_any_arrival_order_gives_the_in_memory_matrices(tiled):
 
 def test_an_off_diagonal_tile_waits_for_its_units(tiled):
     plan, tiles, _ = tiled
-    fin = TileFinalizer(plan, METRICS, svcca_threshold=0.99, threads=1)
+    fin = TileFinalizer(plan, METRICS, svcca_threshold=0.99)
     off = next(t for t in tiles if t[0] != t[1])
     fin.add(off, tiles[off])
     assert off in fin.held

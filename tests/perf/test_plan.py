@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 
 from repscope.errors import InputError
-from repscope.jobs.plan import make_plan
+from repscope.jobs.plan import tile_tasks
 from repscope.jobs.spec import spec_from_dict
+from tests.planning import plan_for
 
 
 class _MetaStore:
     """Store metadata only: what the planner reads."""
 
     url = "mem://"
+    row_fingerprint = "rows"
 
     def __init__(self, models: int, layers: int, width: int, rows: int):
         self.n_rows = rows
@@ -27,7 +29,7 @@ class _MetaStore:
         return [(m, layer) for m in self._models for layer in self._layers]
 
     def unit_info(self, model, layer):
-        return SimpleNamespace(features=self._width)
+        return SimpleNamespace(features=self._width, fingerprint=f"{model}/{layer}")
 
 
 def _spec(metrics, **compute):
@@ -36,19 +38,19 @@ def _spec(metrics, **compute):
 
 
 def test_few_rows_wide_layers_pick_sample_space():
-    plan = make_plan(_spec(["linear_cka", "linear_cka_debiased"]),
+    plan = plan_for(_spec(["linear_cka", "linear_cka_debiased"]),
                      _MetaStore(4, 16, 2048, 4000), workers=2)
     assert plan.space == "sample"
     assert plan.gemm_flops() < 4000 * (64 * 2048) ** 2 / 5
 
 
 def test_many_rows_pick_feature_space():
-    plan = make_plan(_spec(["linear_cka"]), _MetaStore(2, 13, 768, 100_000), workers=2)
+    plan = plan_for(_spec(["linear_cka"]), _MetaStore(2, 13, 768, 100_000), workers=2)
     assert plan.space == "feature"
 
 
 def test_pwcca_keeps_feature_space():
-    plan = make_plan(_spec(["linear_cka", "pwcca"]), _MetaStore(4, 16, 2048, 4000), workers=2)
+    plan = plan_for(_spec(["linear_cka", "pwcca"]), _MetaStore(4, 16, 2048, 4000), workers=2)
     assert plan.space == "feature"
 
 
@@ -56,28 +58,28 @@ def test_basis_metrics_go_to_sample_space_when_rows_are_few():
     """CCA and Procrustes cost O(n^3) per unit in sample space and O(d^3) in feature space:
     few rows and wide layers pick samples, and the pairs spread over >= 2 tiles per worker."""
     store = _MetaStore(4, 4, 2048, 500)
-    plan = make_plan(_spec(["mean_cca", "procrustes"]), store, workers=2)
+    plan = plan_for(_spec(["mean_cca", "procrustes"]), store, workers=2)
     assert plan.space == "sample" and plan.basis
     assert len(plan.tiles) >= 4
     many = _MetaStore(4, 4, 2048, 20_000)
-    assert make_plan(_spec(["mean_cca", "procrustes"]), many, workers=2).space == "feature"
+    assert plan_for(_spec(["mean_cca", "procrustes"]), many, workers=2).space == "feature"
 
 
 def test_spec_can_force_either_space():
     store = _MetaStore(4, 16, 2048, 4000)
-    assert make_plan(_spec(["linear_cka"], space="feature"), store, workers=2).space == "feature"
+    assert plan_for(_spec(["linear_cka"], space="feature"), store, workers=2).space == "feature"
     big = _MetaStore(2, 2, 64, 10_000)
-    assert make_plan(_spec(["linear_cka"], space="sample"), big, workers=2).space == "sample"
+    assert plan_for(_spec(["linear_cka"], space="sample"), big, workers=2).space == "sample"
     with pytest.raises(InputError, match="pwcca has no sample-space form"):
-        make_plan(_spec(["pwcca"], space="sample"), store, workers=2)
+        plan_for(_spec(["pwcca"], space="sample"), store, workers=2)
 
 
 @pytest.mark.parametrize("space", ["feature", "sample"])
 def test_memory_budget_forces_tiles_instead_of_failing(space):
     store = _MetaStore(4, 16, 2048, 4000)
-    roomy = make_plan(_spec(["linear_cka"], space=space, memory_per_worker="64GiB"), store,
+    roomy = plan_for(_spec(["linear_cka"], space=space, memory_per_worker="64GiB"), store,
                       workers=2)
-    tight = make_plan(_spec(["linear_cka"], space=space, memory_per_worker="512MiB"), store,
+    tight = plan_for(_spec(["linear_cka"], space=space, memory_per_worker="512MiB"), store,
                       workers=2)
     assert len(tight.tiles) > len(roomy.tiles)
     # Every unit pair lies in a tile, and each tile's state fits the budget.
@@ -94,7 +96,7 @@ def test_memory_budget_forces_tiles_instead_of_failing(space):
 
 def test_sample_space_refuses_a_unit_larger_than_the_budget():
     with pytest.raises(InputError, match="one unit's Gram task .* memory_per_worker"):
-        make_plan(_spec(["linear_cka"], space="sample", memory_per_worker="64MiB"),
+        plan_for(_spec(["linear_cka"], space="sample", memory_per_worker="64MiB"),
                   _MetaStore(1, 2, 2048, 4000), workers=2)
 
 
@@ -102,10 +104,8 @@ def test_finished_task_moments_are_saved_only_when_they_wait():
     """A task's finished moments are checkpointed only if something runs after it before its
     tile is finished: sibling row ranges, or other tiles (tiles finished after the
     accumulation). The only task of a job saves nothing (W2: a 1.9 GB write)."""
-    from repscope.jobs.run import tile_tasks
-
     def flags(store, **compute):
-        plan = make_plan(_spec(["linear_cka"], **compute), store, workers=2)
+        plan = plan_for(_spec(["linear_cka"], **compute), store, workers=2)
         return plan, [t.save_result for ts in tile_tasks(plan).values() for t in ts]
 
     plan, saves = flags(_MetaStore(10, 6, 256, 50_000))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from repscope.cluster.gram import SAMPLE_METRICS
+from repscope.jobs.pipeline import run_job
 from repscope.jobs.results import open_results
-from repscope.jobs.run import run_job
 from repscope.jobs.spec import spec_from_dict
 from tests.jobs.conftest import make_store
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from repscope.cluster.execute import Checkpoints, TileTask, accumulate_tile
+from repscope.cluster.tasks import Checkpoints, TileTask, UnitRef, accumulate_tile
 from repscope.jobs.state import StateStore
 from repscope.store import ActivationStore
 from tests.jobs.conftest import make_store
@@ -25,8 +25,8 @@ def setup(tmp_path):
 @pytest.mark.parametrize("fourth", [False, True])
 def test_resume_from_a_saved_partial_equals_one_pass(setup, fourth):
     store, state = setup
-    task = TileTask(units_a=(("a", "layer1"), ("a", "layer2")), widths_a=(5, 4),
-                    units_b=(("b", "layer1"),), widths_b=(6,), start=100, stop=1000,
+    task = TileTask(units_a=(UnitRef("a", "layer1"), UnitRef("a", "layer2")), widths_a=(5, 4),
+                    units_b=(UnitRef("b", "layer1"),), widths_b=(6,), start=100, stop=1000,
                     block_rows=128, fourth=fourth, precision="float64",
                     checkpoint_key=f"k{fourth}")
     straight = accumulate_tile(store, replace(task, checkpoint_key=None))
@@ -50,7 +50,7 @@ def test_resume_from_a_saved_partial_equals_one_pass(setup, fourth):
 
 def test_progress_is_saved_while_the_task_runs(setup):
     store, state = setup
-    task = TileTask(units_a=(("a", "layer1"),), widths_a=(5,), units_b=None, widths_b=None,
+    task = TileTask(units_a=(UnitRef("a", "layer1"),), widths_a=(5,), units_b=None, widths_b=None,
                     start=0, stop=1000, block_rows=100, fourth=False, precision="float32",
                     checkpoint_key="running")
     saved_rows = []

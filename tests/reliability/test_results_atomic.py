@@ -14,8 +14,8 @@ import xarray as xr
 
 from repscope.errors import ConflictError
 from repscope.jobs.lock import output_lock
+from repscope.jobs.pipeline import run_job
 from repscope.jobs.results import build_dataset, open_results, write_results
-from repscope.jobs.run import run_job
 from repscope.jobs.spec import parse_spec
 from tests.jobs.conftest import make_store
 

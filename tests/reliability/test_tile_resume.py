@@ -8,14 +8,14 @@ import io
 import numpy as np
 import pytest
 
-import repscope.jobs.plan
-import repscope.jobs.run
-from repscope.jobs.plan import make_plan
+import repscope.cluster.execute
+import repscope.jobs.finish
+from repscope.jobs.pipeline import run_job
 from repscope.jobs.results import open_results
-from repscope.jobs.run import run_job
 from repscope.jobs.spec import spec_from_dict
 from repscope.store import ActivationStore
 from tests.jobs.conftest import make_store
+from tests.planning import plan_for
 
 METRICS = ["linear_cka", "linear_cka_debiased", "pwcca", "procrustes"]
 
@@ -41,12 +41,12 @@ def test_a_crash_keeps_finished_tiles_small_and_the_rerun_restores_them(
     baseline = run_job(_spec(tmp_path, "baseline"), log=io.StringIO())
     assert baseline.tiles >= 6
     if stream:  # as if the job's moments were too large for the driver to hold at once
-        monkeypatch.setattr(repscope.jobs.plan, "default_memory_per_worker", lambda workers: 1024)
-    assert make_plan(_spec(tmp_path, "x"), ActivationStore.open(str(tmp_path / "acts.zarr")),
-                     workers=2).stream_tiles == stream
+        monkeypatch.setattr(repscope.cluster.execute, "machine_memory", lambda: 2048)
+    assert plan_for(_spec(tmp_path, "x"), ActivationStore.open(str(tmp_path / "acts.zarr")),
+                    workers=2, driver_memory=1024 if stream else None).stream_tiles == stream
 
     # The driver dies after finishing three tiles.
-    real_add = repscope.jobs.run.TileFinalizer._add
+    real_add = repscope.jobs.finish.TileFinalizer._add
     finished = []
 
     def add_then_crash(self, tile, moments):
@@ -55,7 +55,7 @@ def test_a_crash_keeps_finished_tiles_small_and_the_rerun_restores_them(
         real_add(self, tile, moments)
         finished.extend(t for t in self.done if t not in finished)
 
-    monkeypatch.setattr(repscope.jobs.run.TileFinalizer, "_add", add_then_crash)
+    monkeypatch.setattr(repscope.jobs.finish.TileFinalizer, "_add", add_then_crash)
     spec = _spec(tmp_path, "crashed")
     with pytest.raises(Crash):
         run_job(spec, log=io.StringIO())
@@ -65,7 +65,7 @@ def test_a_crash_keeps_finished_tiles_small_and_the_rerun_restores_them(
     partials = list((state / "partials").glob("*.npz"))
     assert len(partials) <= baseline.tiles - len(finished)
 
-    monkeypatch.setattr(repscope.jobs.run.TileFinalizer, "_add", real_add)
+    monkeypatch.setattr(repscope.jobs.finish.TileFinalizer, "_add", real_add)
     log = io.StringIO()
     summary = run_job(spec, log=log)
     assert summary.tiles_reused == len(finished)

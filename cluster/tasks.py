@@ -1,0 +1,220 @@
+"""What a job's workers run: plain functions over a store, testable without a cluster.
+
+A feature-space :class:`TileTask` streams its row range block by block for the units of one
+tile (prefetching the next block while the current one multiplies) into one
+:class:`~repscope.cluster.accumulate.TileAccumulator` and returns the partial moments; partials
+of a tile's row ranges merge exactly (:func:`merge_parts`). A sample-space :class:`GramTask`
+computes one unit's centered Gram; :func:`gram_tile_task` the per-pair work of a tile of unit
+groups from their Grams. Where these run (in this process, or as Ray tasks) is
+:mod:`repscope.cluster.execute`'s business.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from repscope.cluster.accumulate import TileAccumulator, shift_block
+from repscope.cluster.gram import GramTile, UnitGram, gram_tile, unit_gram
+from repscope.cluster.moments import CrossMoments, merge, merge_all
+
+__all__ = [
+    "UnitRef",
+    "TileTask",
+    "GramTask",
+    "Checkpoints",
+    "read_group",
+    "accumulate_tile",
+    "merge_parts",
+    "read_unit_gram",
+    "gram_tile_task",
+    "blas_threads",
+]
+
+
+@dataclass(frozen=True)
+class UnitRef:
+    """One unit as a task reads it: (model, layer) and the content version fixed at planning
+    (None: whatever the store holds when the task reads)."""
+
+    model: str
+    layer: str
+    version: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}/{self.layer}"
+
+
+@dataclass(frozen=True)
+class TileTask:
+    """One task: the moments of tile (group a, group b) over rows [start, stop).
+
+    units_a / units_b: the units of each group, in column order; units_b is None for a
+    diagonal tile (a == b), whose symmetric product is computed once.
+    """
+
+    units_a: tuple[UnitRef, ...]
+    widths_a: tuple[int, ...]
+    units_b: tuple[UnitRef, ...] | None
+    widths_b: tuple[int, ...] | None
+    start: int
+    stop: int
+    block_rows: int
+    fourth: bool
+    precision: str
+    threads: int | None = None  # BLAS threads (and Ray CPUs) of the task; None: 1
+    checkpoint_key: str | None = None  # where the task saves its progress (see Checkpoints)
+    # Save the finished task's moments too: only worth it when the tile waits for sibling
+    # row-range tasks or other tiles; a tile of one task is finished (and saved small) at once.
+    save_result: bool = True
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def read_group(store, units: tuple[UnitRef, ...], start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of several units side by side: ndarray (stop - start, sum widths)."""
+    parts = [
+        store.read(u.model, u.layer, start, stop) if u.version is None
+        else store.read(u.model, u.layer, start, stop, version=u.version)
+        for u in units
+    ]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def blas_threads(threads: int | None):
+    """A context limiting (or raising) the BLAS threads of this process; no-op for None."""
+    if not threads:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where tasks save their progress and how often.
+
+    state: any object with put_partial(key, moments) and get_partial(key)
+    (:class:`repscope.jobs.state.StateStore`). A task saves the moments of the rows it has
+    done at least every ``seconds`` and, if its ``save_result``, when it finishes; a task that
+    finds a saved partial continues after its rows (the partial's n), so a rerun after a crash
+    or a retried task recomputes only the rest.
+    """
+
+    state: object
+    seconds: float = 120.0
+
+
+def accumulate_tile(store, task: TileTask, checkpoints: Checkpoints | None = None) -> CrossMoments:
+    """Stream a task's rows block by block and return the tile's moments over them."""
+    with blas_threads(task.threads):
+        if checkpoints is None or task.checkpoint_key is None:
+            return _accumulate(store, task)
+        return _accumulate_checkpointed(store, task, checkpoints)
+
+
+def _accumulate_checkpointed(store, task: TileTask, checkpoints: Checkpoints) -> CrossMoments:
+    key = task.checkpoint_key
+    saved = checkpoints.state.get_partial(key)
+    if saved is not None and saved.n >= task.rows:
+        return saved
+    done = 0 if saved is None else saved.n
+    last = time.monotonic()
+
+    def with_saved(moments: CrossMoments) -> CrossMoments:
+        return moments if saved is None else merge(saved, moments)
+
+    def on_block(current: Callable[[], CrossMoments]) -> None:
+        nonlocal last
+        if time.monotonic() - last >= checkpoints.seconds:
+            checkpoints.state.put_partial(key, with_saved(current()))
+            last = time.monotonic()
+
+    total = with_saved(_accumulate(store, replace(task, start=task.start + done), on_block))
+    if task.save_result:
+        checkpoints.state.put_partial(key, total)
+    return total
+
+
+def _blocks(task: TileTask) -> Iterator[tuple[int, int]]:
+    for start in range(task.start, task.stop, task.block_rows):
+        yield start, min(start + task.block_rows, task.stop)
+
+
+def _accumulate(
+    store, task: TileTask, on_block: Callable[[Callable[[], CrossMoments]], None] | None = None
+) -> CrossMoments:
+    """The task's rows in blocks; on_block(current) after each block may snapshot progress
+    (current() returns the moments of the blocks done so far)."""
+    gemm_dtype = np.float32 if task.precision == "float32" else np.float64
+
+    def read(block: tuple[int, int]):
+        za = read_group(store, task.units_a, *block)
+        zb = None if task.units_b is None else read_group(store, task.units_b, *block)
+        # Shifted here, in the reader thread, while the previous block's product runs. The
+        # blocks are fresh arrays read for this task: shifted in place.
+        return (shift_block(za, gemm_dtype, "a", overwrite=True),
+                None if zb is None else shift_block(zb, gemm_dtype, "b", overwrite=True))
+
+    blocks = list(_blocks(task))
+    if not blocks:
+        return TileAccumulator(task.widths_a, task.widths_b, fourth=task.fourth,
+                               gemm_dtype=gemm_dtype).result()
+    # One reader thread: the next block's I/O overlaps this block's GEMM (cluster.blas drops
+    # the GIL), and the first block's I/O overlaps allocating the accumulator (seconds for
+    # gigabytes of fresh pages in a new worker).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, blocks[0])
+        acc = TileAccumulator(task.widths_a, task.widths_b, fourth=task.fourth,
+                              gemm_dtype=gemm_dtype)
+        for k in range(len(blocks)):
+            za, zb = pending.result()
+            if k + 1 < len(blocks):
+                pending = pool.submit(read, blocks[k + 1])
+            acc.update(za, zb)
+            if on_block is not None and k + 1 < len(blocks):
+                on_block(lambda: acc.result(keep=True))
+    return acc.result()
+
+
+def merge_parts(*parts: CrossMoments) -> CrossMoments:
+    """The exact merge of a tile's partials over disjoint row ranges."""
+    return merge_all(parts)
+
+
+@dataclass(frozen=True)
+class GramTask:
+    """Sample space, per-unit work: the centered Gram of one unit over rows [start, stop)."""
+
+    unit: UnitRef
+    start: int
+    stop: int
+    precision: str
+    basis: bool  # also the Gram's eigenpairs (CCA family, Procrustes)
+    threads: int | None = None
+
+
+def read_unit_gram(store, task: GramTask) -> UnitGram:
+    """Read one unit's rows and compute its :class:`~repscope.cluster.gram.UnitGram`."""
+    dtype = np.float32 if task.precision == "float32" else np.float64
+    with blas_threads(task.threads):
+        x = read_group(store, (task.unit,), task.start, task.stop)
+        return unit_gram(x, dtype=dtype, basis=task.basis, name=task.unit.label)
+
+
+def gram_tile_task(n_a: int, diagonal: bool, metrics, svcca_threshold: float,
+                   threads: int | None, *grams: UnitGram) -> GramTile:
+    """The per-pair work of a tile of unit groups from their Grams: group a's ``n_a`` Grams
+    first, then group b's (none for a diagonal tile). The Grams come flat because Ray resolves
+    object references only as top-level arguments."""
+    a, b = grams[:n_a], None if diagonal else grams[n_a:]
+    with blas_threads(threads):
+        return gram_tile(a, b, metrics, svcca_threshold=svcca_threshold)

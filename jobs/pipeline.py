@@ -1,0 +1,426 @@
+"""The one job pipeline: select -> plan -> execute -> finish -> write.
+
+Every job goes through :func:`execute_job`: ``repscope run``, ``repscope nightly`` (which
+pairs: only those with a new or changed unit, the rest reused from the previous result),
+runs with a bootstrap (bounds on every entry), ``repscope ground`` (the same statistics, kept
+for the paper's tests) and :func:`repscope.compare`. Two parameters vary:
+
+- which pairs: all, or (``incremental``) those involving a unit that is new or changed since
+  the output was written (:mod:`repscope.jobs.nightly`);
+- where: an executor (:mod:`repscope.cluster.execute`): in this process, an embedded Ray
+  instance, or a cluster. By default a job whose work is small, or whose store only this
+  process can see (memory://), runs in this process; others on Ray.
+
+Everything that can be refused is refused before any work: the spec, the store, the models,
+layers and rows, and an output holding another spec's results. Nothing is written until
+every matrix is computed, and a matrix with a NaN entry fails the job.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import numpy as np
+
+from repscope.cluster.execute import LocalExecutor, RayExecutor
+from repscope.cluster.moments import UnitMoments, merge_all
+from repscope.cluster.registry import METRICS
+from repscope.cluster.tasks import Checkpoints
+from repscope.errors import InputError, RepscopeError
+from repscope.jobs import nightly
+from repscope.jobs.finish import (
+    TileFinalizer,
+    TileValues,
+    bootstrap_bounds,
+    finalize_sample,
+)
+from repscope.jobs.lock import output_lock
+from repscope.jobs.plan import Plan, Selection, gram_tasks, make_plan, select, tile_tasks
+from repscope.jobs.progress import Progress
+from repscope.jobs.results import build_dataset, check_output, write_results
+from repscope.jobs.spec import JobSpec
+from repscope.jobs.state import StateStore, digest, state_url
+from repscope.store import ActivationStore, redact
+from repscope.store.urls import scheme_of
+
+__all__ = ["RunSummary", "Statistics", "execute_job", "run_job", "choose_executor"]
+
+# Jobs whose accumulation needs fewer flops than this run in this process by default: on
+# one machine Ray adds seconds of start-up and nothing else (docs/performance.md).
+IN_PROCESS_FLOPS = 2e11
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run did; ``to_dict`` is the ``--json`` line."""
+
+    output: str
+    units: int
+    pairs_total: int
+    pairs_computed: int
+    pairs_reused: int
+    rows: int
+    seconds: float
+    metrics: tuple[str, ...]
+    tiles: int
+    tasks: int
+    gemm_flops: float
+    accumulate_seconds: float
+    rows_reused: int = 0  # rows of checkpointed partials loaded instead of recomputed
+    tiles_reused: int = 0  # tiles an interrupted run had finished, restored not recomputed
+    executor: str = ""  # where the tasks ran: process, embedded, cluster ("" if none ran)
+    space: str = ""  # feature or sample ("" if nothing was computed)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["metrics"] = list(self.metrics)
+        return d
+
+
+@dataclass
+class Statistics:
+    """What a job computed, before it is written: (U, U) matrices per metric in the order of
+    ``selection.units``, bootstrap bounds per metric (lower, upper) if asked, and with
+    ``keep_units`` every computed unit's moments (index -> UnitMoments)."""
+
+    selection: Selection
+    matrices: dict[str, np.ndarray]
+    bounds: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    unit_moments: dict[int, UnitMoments] = field(default_factory=dict)
+    plan: Plan | None = None
+    # State to remove once the result is written: task partials, finished tiles and caches.
+    cleanup: tuple[list[str], dict[str, list[str]]] = ((), {})
+
+
+def choose_executor(spec: JobSpec, sel: Selection, address: str | None):
+    """Where the job's tasks run: ``compute.executor`` if set; else a cluster when an
+    address is given (or RAY_ADDRESS); else this process for a memory:// store (Ray
+    workers cannot see it) or a small job; else an embedded Ray instance."""
+    import os
+
+    choice = spec.compute.executor
+    cluster = address or os.environ.get("RAY_ADDRESS")
+    if scheme_of(spec.store) == "memory" and (choice == "ray" or cluster):
+        raise InputError(
+            f"store {redact(spec.store)} lives in this process's memory, which Ray workers "
+            "cannot read: use compute.executor: process, or a store on disk or object storage"
+        )
+    if choice == "process" or (choice == "auto" and not cluster and _in_process(spec, sel)):
+        return LocalExecutor(spec.compute.workers)
+    return RayExecutor(address, spec.compute.workers)
+
+
+def _in_process(spec: JobSpec, sel: Selection) -> bool:
+    if scheme_of(spec.store) == "memory":
+        return True
+    widths = [u.features for u in sel.units]
+    n = sel.n_rows
+    feature = float(n) * sum(widths) ** 2
+    sample = float(n) ** 2 * sum(widths)
+    return min(feature, sample) < IN_PROCESS_FLOPS
+
+
+def _plan_line(plan: Plan, where: str) -> str:
+    tasks = (sum(1 for _ in plan.row_ranges) * len(plan.tiles) if plan.space == "feature"
+             else len(plan.units) + len(plan.tiles))
+    return (f"plan: {len(plan.units)} units, {plan.n_pairs} pairs, {plan.n_rows:,} rows, "
+            f"{plan.space} space, {len(plan.tiles)} tile(s), {tasks} task(s) on "
+            f"{plan.workers} worker(s) ({where}), {plan.precision} GEMMs")
+
+
+class _Counters:
+    """What the summary reports about the execution."""
+
+    def __init__(self) -> None:
+        self.tiles = self.tasks = self.rows_reused = self.tiles_reused = 0
+        self.flops = self.accumulate_seconds = self.finish_seconds = 0.0
+        self.executor = self.space = ""
+
+
+def _compute(spec: JobSpec, store, sel: Selection, executor, plan_fresh, known, *, state,
+             log: TextIO, counters: _Counters, keep_units: bool, on_unit) -> Statistics:
+    """Plan, execute and finish the pairs of ``plan_fresh`` units (None: all); ``known``:
+    moments of other units, loaded instead of computed."""
+    res = executor.resources(spec.compute.memory_per_worker)
+    plan = make_plan(spec, sel, res, fresh=plan_fresh, known=frozenset(known))
+    counters.space, counters.executor = plan.space, res.where
+    counters.tiles, counters.flops = len(plan.tiles), plan.gemm_flops()
+    print(_plan_line(plan, res.where), file=log)
+    stats = Statistics(sel, {}, plan=plan)
+
+    def unit_arrived(i: int, moments: UnitMoments) -> None:
+        if keep_units:
+            stats.unit_moments[i] = moments
+        if on_unit:
+            on_unit(i, moments)
+
+    t0 = time.perf_counter()
+    if plan.space == "sample":
+        tasks = gram_tasks(plan)
+        counters.tasks = len(tasks) + len(plan.tiles)
+        progress = Progress(len(plan.units), "grams", stream=log, unit="units")
+        tiles = {t: (spec.metrics if plan.tile_pairs(t) else ()) for t in plan.tiles}
+        grams = executor.run_grams(store, tasks, plan.groups, tiles,
+                                   svcca_threshold=spec.compute.svcca_threshold,
+                                   progress=progress, tile_threads=plan.tile_threads)
+        progress.close()
+        counters.accumulate_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        stats.matrices = finalize_sample(plan, grams, spec.metrics)
+        counters.finish_seconds = time.perf_counter() - t1
+        return stats
+
+    checkpointing = spec.compute.checkpoint_seconds > 0 and state is not None
+    tasks = tile_tasks(plan, sel.row_fingerprint if checkpointing else None)
+    counters.tasks = sum(len(ts) for ts in tasks.values())
+    keys = [t.checkpoint_key for ts in tasks.values() for t in ts if t.checkpoint_key]
+    counters.rows_reused = sum(state.partial_rows(k) for k in keys) if keys else 0
+    if counters.rows_reused:
+        print(f"resume: {counters.rows_reused:,} task rows of an interrupted run are reused "
+              f"({redact(state_url(spec.output))})", file=log)
+    checkpoints = Checkpoints(state, spec.compute.checkpoint_seconds) if keys else None
+    progress = Progress(plan.n_rows, "accumulate", stream=log)
+    fin = TileFinalizer(plan, spec.metrics, svcca_threshold=spec.compute.svcca_threshold,
+                        known=known, on_unit=unit_arrived)
+
+    if spec.compute.bootstrap:
+        parts: dict = {}
+        executor.run_tiles(store, tasks, lambda tile, ps: parts.__setitem__(tile, ps),
+                           progress=progress, checkpoints=checkpoints, keep_parts=True)
+        progress.close()
+        counters.accumulate_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        fin.add_all({tile: merge_all(ps) for tile, ps in parts.items()})
+        stats.matrices = fin.result()
+        counters.finish_seconds = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        stats.bounds = bootstrap_bounds(plan, parts, spec.metrics, spec.compute.bootstrap,
+                                        svcca_threshold=spec.compute.svcca_threshold)
+        print(f"bootstrap: {spec.compute.bootstrap} replicates over "
+              f"{len(plan.row_ranges)} row shards in {time.perf_counter() - t2:.1f} s",
+              file=log)
+        if state is not None:
+            state.remove_partials(keys)
+        return stats
+
+    done_keys = _restore_and_save(spec, plan, state, tasks, fin, log) if checkpointing else {}
+    todo = {tile: ts for tile, ts in tasks.items() if tile not in fin.done}
+    if plan.stream_tiles:
+        executor.run_tiles(store, todo, fin.add, progress=progress, checkpoints=checkpoints)
+        progress.close()
+    else:
+        arrived: dict = {}
+        executor.run_tiles(store, todo, arrived.__setitem__, progress=progress,
+                           checkpoints=checkpoints)
+        progress.close()
+        fin.add_all(arrived)
+    counters.finish_seconds = fin.seconds
+    counters.accumulate_seconds = time.perf_counter() - t0 - fin.seconds
+    counters.tiles_reused = fin.restored
+    stats.matrices = fin.result()
+    stats.cleanup = (keys, done_keys)
+    return stats
+
+
+def _restore_and_save(spec: JobSpec, plan: Plan, state: StateStore, tasks: dict,
+                      fin: TileFinalizer, log: TextIO) -> dict[str, list[str]]:
+    """Checkpointed tiles: restore those an interrupted run finished (their entries and a
+    diagonal tile's per-unit caches), and from now on save each finished tile the same way
+    and drop its task partials, so the state never holds a whole job's moments. Returns the
+    state keys to remove once the result is written."""
+    from repscope.cluster.caches import UnitCache
+
+    tile_keys = {tile: digest([t.checkpoint_key for t in ts], spec.metrics,
+                              spec.compute.svcca_threshold)
+                 for tile, ts in tasks.items()}
+
+    def cache_key(tile, unit: int) -> str:
+        return digest(tile_keys[tile], unit)
+
+    for tile, key in tile_keys.items():
+        values = state.get("tiles", key, TileValues)
+        caches = {}
+        if values is not None and tile[0] == tile[1]:
+            caches = {i: state.get("caches", cache_key(tile, i), UnitCache)
+                      for i in plan.groups[tile[0]]}
+        if values is not None and None not in caches.values():
+            fin.restore(tile, values, caches)
+    if fin.restored:
+        print(f"resume: {fin.restored} finished tile(s) of an interrupted run are reused",
+              file=log)
+
+    def done(tile) -> None:
+        state.put("tiles", tile_keys[tile], fin.tile_values(tile))
+        if tile[0] == tile[1]:
+            for i in plan.groups[tile[0]]:
+                if i in fin.caches:
+                    state.put("caches", cache_key(tile, i), fin.caches[i])
+        state.remove_partials([t.checkpoint_key for t in tasks[tile]])
+
+    fin.on_done = done
+    return {"tiles": list(tile_keys.values()),
+            "caches": [cache_key(t, i) for t in tile_keys if t[0] == t[1]
+                       for i in plan.groups[t[0]]]}
+
+
+def _check_finite(stats: Statistics) -> None:
+    """A NaN or Inf entry is a failed job, never a value: name the first one."""
+    units = stats.selection.units
+    for metric, matrix in stats.matrices.items():
+        bad = np.argwhere(~np.isfinite(matrix))
+        if bad.size:
+            i, j = (int(v) for v in bad[0])
+            raise RepscopeError(
+                f"{metric} of {units[i].label} and {units[j].label} is not finite "
+                f"({bad.shape[0]} such entries): the statistics lost all precision; check "
+                "these units for extreme values, or run with compute.precision: float64"
+            )
+
+
+def execute_job(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    incremental: bool = False,
+    write: bool = True,
+    keep_units: bool = False,
+    executor=None,
+    log: TextIO | None = None,
+) -> tuple[RunSummary, Statistics]:
+    """Run a job end to end; see the module docstring.
+
+    Parameters
+    ----------
+    spec : the checked job spec.
+    address : Ray cluster address (None: RAY_ADDRESS, else an embedded instance or this
+        process, see :func:`choose_executor`).
+    overwrite : replace an output that holds results of a different spec.
+    incremental : compute only pairs with a new or changed unit (nightly).
+    write : write the results store (and take the output's lock).
+    keep_units : keep every computed unit's moments in the returned statistics (ground).
+    executor : an executor to use instead of choosing one (it is closed by the caller).
+    log : where progress and stage lines go (default stderr).
+
+    Returns
+    -------
+    (summary, statistics): what ran, and the matrices as written.
+    """
+    log = log or sys.stderr
+    t0 = time.perf_counter()
+    store = ActivationStore.open(spec.store, spec.storage_options)
+    sel = select(spec, store)
+    if not write:
+        return _execute(spec, store, sel, t0, address=address, overwrite=overwrite,
+                        incremental=incremental, write=False, keep_units=keep_units,
+                        executor=executor, log=log)
+    with output_lock(spec.output, spec.storage_options):
+        return _execute(spec, store, sel, t0, address=address, overwrite=overwrite,
+                        incremental=incremental, write=True, keep_units=keep_units,
+                        executor=executor, log=log)
+
+
+def _execute(spec, store, sel, t0, *, address, overwrite, incremental, write, keep_units,
+             executor, log) -> tuple[RunSummary, Statistics]:
+    # Checkpoints live beside the output: a job that writes none keeps none.
+    state = StateStore(spec.output, spec.storage_options) if write else None
+    count = len(sel.units)
+    keys = nightly.unit_keys(sel)
+    previous = None
+    if write:
+        if incremental:
+            previous = nightly.previous_result(spec, sel, keys, state, overwrite)
+        else:
+            check_output(spec.output, spec_identity(spec), spec.storage_options, overwrite)
+    fresh = set(range(count)) if previous is None else set(previous.fresh)
+    counters = _Counters()
+    matrices = {m: np.full((count, count), np.nan) for m in spec.metrics}
+    stats = Statistics(sel, matrices)
+    if fresh:
+        own = executor is None
+        executor = executor or choose_executor(spec, sel, address)
+        try:
+            stats = _compute(
+                spec, store, sel, executor, None if previous is None else frozenset(fresh),
+                {} if previous is None else previous.known, state=state, log=log,
+                counters=counters, keep_units=keep_units,
+                on_unit=(lambda i, m: state.put("units", keys[i], m)) if incremental else None)
+        finally:
+            if own:
+                executor.close()
+        print(f"finalize: {stats.plan.n_pairs} pairs in {counters.finish_seconds:.1f} s",
+              file=log)
+    if previous is not None:
+        nightly.fill_reused(stats, previous)
+    _check_finite(stats)
+    computed = stats.plan.n_pairs if fresh else 0
+    total = count * (count + 1) // 2
+    if write:
+        ds = to_dataset(spec, stats, "nightly" if incremental else "run")
+        write_results(ds, spec.output, spec.storage_options)
+        # The result is safe: checkpoints have done their work.
+        partials, done_keys = stats.cleanup
+        state.remove_partials(partials)
+        for kind, done in done_keys.items():
+            state.remove(kind, done)
+        if incremental:
+            stamp = nightly.snapshot(ds, spec, state)
+            print(f"results: {redact(spec.output)} ({computed} pairs computed, "
+                  f"{total - computed} reused; snapshot {stamp})", file=log)
+        else:
+            print(f"results: {redact(spec.output)}", file=log)
+    summary = RunSummary(
+        output=redact(spec.output),
+        units=count,
+        pairs_total=total,
+        pairs_computed=computed,
+        pairs_reused=total - computed,
+        rows=sel.n_rows,
+        seconds=round(time.perf_counter() - t0, 3),
+        metrics=tuple(spec.metrics),
+        tiles=counters.tiles,
+        tasks=counters.tasks,
+        gemm_flops=counters.flops,
+        accumulate_seconds=round(counters.accumulate_seconds, 3),
+        rows_reused=counters.rows_reused,
+        tiles_reused=counters.tiles_reused,
+        executor=counters.executor,
+        space=counters.space,
+    )
+    return summary, stats
+
+
+def to_dataset(spec: JobSpec, stats: Statistics, kind: str = "run"):
+    """The results Dataset of a job's statistics (jobs/results.py has the layout)."""
+    sel = stats.selection
+    return build_dataset(
+        stats.matrices,
+        [(u.model, u.layer) for u in sel.units],
+        {m: METRICS[m].direction for m in spec.metrics},
+        {
+            "spec": json.dumps(spec.to_dict(), sort_keys=True),
+            "spec_identity": spec_identity(spec),
+            "reuse_identity": nightly.reuse_identity(spec),
+            "store_fingerprint": sel.row_fingerprint,
+            "rows": list(sel.rows),
+            "kind": kind,
+        },
+        keys=nightly.unit_keys(sel),
+        bounds=stats.bounds,
+    )
+
+
+def spec_identity(spec: JobSpec) -> str:
+    """What must match for a run to replace an output without --overwrite."""
+    return json.dumps(spec.identity(), sort_keys=True)
+
+
+def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = False,
+            log: TextIO | None = None) -> RunSummary:
+    """``repscope run``: compute every pair of the spec and write its results store."""
+    return execute_job(spec, address=address, overwrite=overwrite, log=log)[0]
+
