@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from repscope.jobs import report as report_mod
 from repscope.jobs import submit as submit_mod
@@ -67,8 +68,10 @@ def cmd_nightly(args) -> int:
 
 def cmd_show(args) -> int:
     from repscope.jobs.results import open_results
+    from repscope.store import redact
 
     ds = open_results(args.results, parse_storage_options(args.storage_option))
+    report_mod.check_results(ds, redact(args.results))
     text = report_mod.show_json(ds, args.metric) if args.json else report_mod.show_text(
         ds, args.metric)
     print(text)
@@ -79,6 +82,7 @@ def cmd_report(args) -> int:
     """PNG heatmaps and the HTML page into --out (both unless --png or --html picks one)."""
     from repscope.errors import InputError
     from repscope.jobs import report_html
+    from repscope.jobs.report_files import ReportFolder
     from repscope.jobs.results import open_results
     from repscope.store import redact
 
@@ -88,6 +92,12 @@ def cmd_report(args) -> int:
     if args.ground is not None:
         report_html.ground_tables(args.ground)  # a wrong folder fails before any work
     ds = open_results(args.results, parse_storage_options(args.storage_option))
+    report_mod.check_results(ds, redact(args.results))
+    names = report_mod.pick_metrics(ds, args.metric)
+    # Every file is checked before the first is written (report_files.ReportFolder).
+    planned = [p.path for p in report_mod.plan_report(ds, args.out, names)] if png else []
+    ReportFolder(args.out).claim(planned + ([Path(args.out) / report_html.HTML_NAME]
+                                            if page else []))
     files = report_mod.write_report(ds, args.out, args.metric, args.scale) if png else []
     if page:
         files.append(report_html.write_html(ds, args.out, metric=args.metric, scale=args.scale,

@@ -39,6 +39,14 @@ def metric_names(ds) -> list[str]:
     return [m for m in order if m in ds.data_vars]
 
 
+def check_results(ds, source: str) -> None:
+    """InputError unless `ds` is a results store with at least one metric (an activation
+    store opens as a Zarr group too, with none)."""
+    if "model_x" not in ds.coords or not metric_names(ds):
+        raise InputError(f"{source} is not a results store (it holds no metric matrices); "
+                         "`repscope inspect` reads activation stores")
+
+
 def pick_metrics(ds, metric: str | None) -> list[str]:
     """All metrics of the results, or the one named; InputError for a name not in them."""
     names = metric_names(ds)
@@ -363,7 +371,7 @@ def plan_report(ds, out_dir: str | Path, names: list[str]) -> list[Planned]:
     they are safe in a file name, else sanitised plus a hash of the name (report_files), so
     no two files share a name: `a b` and `a_b` get `a_b-<hash>` and `a_b`."""
     out = Path(out_dir)
-    stem = file_stems(models(ds) + names + ["trend"])
+    stem = file_stems(models(ds) + names)
     planned = []
     for a, b in model_pairs(ds):
         pair = f"{stem[a]}__vs__{stem[b]}"

@@ -151,6 +151,11 @@ def test_report_never_replaces_a_file_it_did_not_write(boot, tmp_path, capsys):
     before = (out / "report.html").stat().st_mtime_ns
     assert main(["report", str(boot), "--out", str(out), "--html"]) == 0  # replaces its own
     assert (out / "report.html").stat().st_mtime_ns > before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.html").write_text("a user's page")
+    assert main(["report", str(boot), "--out", str(other)]) == 1  # before any PNG is drawn
+    assert sorted(p.name for p in other.iterdir()) == ["report.html"]
     listed = json.loads((out / MANIFEST).read_text())["files"]
     assert "c__vs__c.png" in listed and "report.html" in listed
     with pytest.raises(ConflictError, match="share a name"):
@@ -215,6 +220,18 @@ def test_nightly_over_seeds_says_model():
     fig = rp.trend_figure(ds, "pwcca", rp.series(ds))
     assert {ax.get_xlabel() for ax in fig.axes} == {"model"}
     assert "previous model" in fig.axes[0].get_title()
+
+
+def test_show_and_report_refuse_an_activation_store(tmp_path, capsys):
+    from tests.jobs.conftest import make_store
+
+    acts = tmp_path / "acts.zarr"
+    make_store(str(acts), {"a": [3]}, rows=20)
+    for command in (["show", str(acts)], ["report", str(acts), "--out", str(tmp_path / "r")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "not a results store" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def _subparser(name: str):
