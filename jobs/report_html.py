@@ -95,11 +95,10 @@ def _heatmap(ds, metric: str, a: str, b: str, scale: str, colorbar: dict | None 
              **extra):
     import plotly.graph_objects as go
 
-    # Same colour for "similar" whatever the direction, as in the PNGs.
-    title = _label(metric)
+    # Same colour for "similar" whatever the direction, as in the PNGs: distances reversed.
     return go.Heatmap(name=metric, **pair_trace(ds, metric, a, b, scale), colorscale="Magma",
                       reversescale=rp.direction(ds, metric) != "similarity",
-                      colorbar={"title": {"text": title}, **(colorbar or {})}, **extra)
+                      colorbar={"title": {"text": _label(metric)}, **(colorbar or {})}, **extra)
 
 
 def _pair_menu(ds, metrics: list[str], pairs, scale: str, axes: list[str], x: float) -> dict:
