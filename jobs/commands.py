@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from repscope.errors import InputError
 from repscope.jobs import report as report_mod
@@ -69,8 +70,10 @@ def cmd_nightly(args) -> int:
 
 def cmd_show(args) -> int:
     from repscope.jobs.results import open_results
+    from repscope.store import redact
 
     ds = open_results(args.results, parse_storage_options(args.storage_option))
+    report_mod.check_results(ds, redact(args.results))
     text = report_mod.show_json(ds, args.metric) if args.json else report_mod.show_text(
         ds, args.metric)
     print(text)
@@ -78,10 +81,29 @@ def cmd_show(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """PNG heatmaps and the HTML page into --out (both unless --png or --html picks one)."""
+    from repscope.errors import InputError
+    from repscope.jobs import report_html
+    from repscope.jobs.report_files import ReportFolder
     from repscope.jobs.results import open_results
+    from repscope.store import redact
 
+    png, page = (args.png or not args.html), (args.html or not args.png)
+    if args.ground is not None and not page:
+        raise InputError("--ground adds tables to the HTML report; drop --png or add --html")
+    if args.ground is not None:
+        report_html.ground_tables(args.ground)  # a wrong folder fails before any work
     ds = open_results(args.results, parse_storage_options(args.storage_option))
-    files = report_mod.write_report(ds, args.out, args.metric)
+    report_mod.check_results(ds, redact(args.results))
+    names = report_mod.pick_metrics(ds, args.metric)
+    # Every file is checked before the first is written (report_files.ReportFolder).
+    planned = [p.path for p in report_mod.plan_report(ds, args.out, names)] if png else []
+    ReportFolder(args.out).claim(planned + ([Path(args.out) / report_html.HTML_NAME]
+                                            if page else []))
+    files = report_mod.write_report(ds, args.out, args.metric, args.scale) if png else []
+    if page:
+        files.append(report_html.write_html(ds, args.out, metric=args.metric, scale=args.scale,
+                                            ground=args.ground, source=redact(args.results)))
     for path in files:
         print(path)
     return 0
@@ -167,7 +189,12 @@ def register_ground(subparsers) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("run", help="run a job spec on Ray and write its results store")
+    p = sub.add_parser(
+        "run", help="run a job spec on Ray and write its results store",
+        description="Run a job spec: compare every unit (model, layer) of the spec with every "
+        "other on Ray (an embedded local instance unless --address or RAY_ADDRESS names a "
+        "cluster) and write the similarity matrices to the spec's output, replacing it "
+        "atomically. Exit 2 for bad input, 1 for runtime failures.")
     p.add_argument("spec", help="job spec (YAML)")
     _address(p)
     p.add_argument("--json", action="store_true", help="last line of stdout: a JSON summary")
@@ -184,17 +211,36 @@ def register(sub) -> None:
                    help="start anew when the output holds results of a different spec")
     p.set_defaults(func=cmd_nightly)
 
-    p = sub.add_parser("show", help="print a results store's matrices, model-pair blocks")
+    p = sub.add_parser(
+        "show", help="print a results store's matrices, model-pair blocks",
+        description="Print every model-pair block of each metric (rows: layers of the first "
+        "model, columns: layers of the second); with bootstrap bounds in the results, each "
+        "cell is 'value [lower, upper]'.")
     p.add_argument("results", help="results store URL")
     p.add_argument("--metric", help="only this metric")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON instead: units, and per metric its direction, values "
+                   "(units x units) and, with bounds, lower, upper and confidence_level")
     storage_option_arg(p)
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("report", help="write PNG heatmaps of a results store")
+    p = sub.add_parser(
+        "report", help="write PNG heatmaps and an interactive HTML page of a results store",
+        description="Write into --out: PNG heatmaps per model pair and metric (and per pair "
+        "with the metrics side by side), trend plots for a series of checkpoints, and "
+        "report.html, one self-contained page that works offline (docs/report.md). Files "
+        "that repscope did not write are never replaced.")
     p.add_argument("results", help="results store URL")
-    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--out", required=True, help="folder for the report files")
     p.add_argument("--metric", help="only this metric")
+    p.add_argument("--scale", choices=report_mod.SCALES, default="natural",
+                   help="heatmap colours: natural (default) = the metric's own range "
+                   "(similarities [0, 1], procrustes [0, 2]), comparable across pairs and "
+                   "runs; auto = each heatmap's own values' range")
+    p.add_argument("--png", action="store_true", help="only the PNG files")
+    p.add_argument("--html", action="store_true", help="only report.html")
+    p.add_argument("--ground", metavar="DIR",
+                   help="a `repscope ground --out` folder: add its tables to report.html")
     storage_option_arg(p)
     p.set_defaults(func=cmd_report)
 
@@ -205,7 +251,8 @@ def register(sub) -> None:
     p.add_argument("--submission-id", help="idempotent id: resubmitting it does nothing")
     p.add_argument("--nightly", action="store_true",
                    help="run `repscope nightly` (incremental) instead of `repscope run`")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let the job replace an output that holds results of a different spec")
     p.set_defaults(func=cmd_submit)
 
     for name, func, text in (
