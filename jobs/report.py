@@ -173,7 +173,7 @@ def series(ds) -> Series | None:
 
     Rule (docs/report.md): the models are checkpoints when every name is the same prefix
     followed by a number and the prefix contains a word of CHECKPOINT_WORDS; they are then
-    ordered by that number. Otherwise results of a nightly run (coordinate ``key_x``) are a
+    ordered by that number. Otherwise results of a nightly run (attribute ``kind: nightly``) are a
     series of models in the order they were added. Anything else (seeds, fine-tunes of one
     base) has no order, hence no trend. A series needs three models."""
     ms = models(ds)
@@ -185,7 +185,7 @@ def series(ds) -> Series | None:
         if any(word in prefix for word in CHECKPOINT_WORDS):
             order = sorted(ms, key=lambda m: int(re.fullmatch(r".*?(\d+)", m).group(1)))
             return Series(order, "checkpoint")
-    if "key_x" in ds.coords:
+    if ds.attrs.get("kind") == "nightly":
         return Series(ms, "model")
     return None
 

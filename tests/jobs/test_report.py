@@ -172,8 +172,9 @@ def test_series_rule():
     def named(*names, nightly=False):
         units = [(m, "l") for m in names]
         eye = np.eye(len(units))
-        return build_dataset({"linear_cka": eye}, units, {"linear_cka": "similarity"}, {},
-                             keys=[str(k) for k in range(len(units))] if nightly else None)
+        return build_dataset({"linear_cka": eye}, units, {"linear_cka": "similarity"},
+                             {"kind": "nightly" if nightly else "run"},
+                             keys=[str(k) for k in range(len(units))])
 
     found = rp.series(named("ckpt0", "ckpt10", "ckpt2"))
     assert found.models == ["ckpt0", "ckpt2", "ckpt10"] and found.noun == "checkpoint"
@@ -215,8 +216,8 @@ def test_nightly_over_seeds_says_model():
 
     matplotlib.use("Agg")
     units = [(m, layer) for m in ("seed1", "seed2", "seed3") for layer in ("l1", "l2")]
-    ds = build_dataset({"pwcca": np.eye(6)}, units, {"pwcca": "similarity"}, {},
-                       keys=[f"key{k}" for k in range(6)])  # what nightly runs write
+    ds = build_dataset({"pwcca": np.eye(6)}, units, {"pwcca": "similarity"},
+                       {"kind": "nightly"}, keys=[f"key{k}" for k in range(6)])
     fig = rp.trend_figure(ds, "pwcca", rp.series(ds))
     assert {ax.get_xlabel() for ax in fig.axes} == {"model"}
     assert "previous model" in fig.axes[0].get_title()
