@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
@@ -158,21 +161,85 @@ def connect(address: str | None = None, workers: int | None = None) -> int:
     unless this process is connected already. Returns the number of CPUs the cluster offers.
 
     The embedded instance listens on loopback, has no dashboard and as many CPUs as the
-    machine (or ``workers``).
+    machine (or ``workers``). A cluster that refuses us for want of a token is reported in
+    one line within seconds (Ray itself retries for ~20 s, printing a line a second).
     """
     import ray
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         common = dict(logging_level="ERROR", log_to_driver=False, configure_logging=True)
+        token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
         try:
-            if address:
-                ray.init(address=address, **common)
+            if not address:
+                with _quiet_stderr():
+                    _start_embedded(workers, common)
+            elif token_mode:
+                with _quiet_stderr():
+                    ray.init(address=address, **common)
             else:
-                _start_embedded(workers, common)
+                # Without token mode a token cluster can only refuse: try briefly first.
+                try:
+                    with _quiet_stderr(), _env(RAY_gcs_server_port_wait_time_s="3"):
+                        ray.init(address=address, **common)
+                except Exception as exc:
+                    if _is_auth_error(exc):
+                        raise
+                    with _quiet_stderr():
+                        ray.init(address=address, **common)
         except Exception as exc:  # ray raises ConnectionError, RuntimeError, its own types
             raise RepscopeError(_connect_message(address, exc)) from None
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+@contextmanager
+def _env(**values: str):
+    """Environment variables set for the block, restored after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def _quiet_stderr():
+    """Ray's C++ client writes a warning line per retry straight to file descriptor 2: keep
+    them, and write them out only if connecting succeeds (a failure gets our one line)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            raise
+        else:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            text = captured.read()
+            if text:
+                os.write(2, text)
+        finally:
+            os.close(saved)
+
+
+def _is_auth_error(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or any exception it came from is a refused or missing token."""
+    seen = 0
+    while exc is not None and seen < 10:
+        text = f"{type(exc).__name__} {exc}".lower()
+        if "authentication" in text or "authtoken" in text or "auth token" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _start_embedded(workers: int | None, common: dict) -> None:
@@ -200,7 +267,7 @@ def _start_embedded(workers: int | None, common: dict) -> None:
 
 def _connect_message(address: str | None, exc: Exception) -> str:
     where = f"the Ray cluster at {address}" if address else "an embedded local Ray instance"
-    if "uthentication" in str(exc) or "auth token" in str(exc).lower():
+    if _is_auth_error(exc):
         return (
             f"{where} requires token authentication: set RAY_AUTH_MODE=token and make the "
             "cluster's token available (~/.ray/auth_token, RAY_AUTH_TOKEN or "

@@ -67,7 +67,8 @@ def submit(
     from repscope.jobs.spec import load_spec
 
     spec_path = Path(spec_path)
-    load_spec(spec_path)  # refuse a bad spec here, not on the cluster
+    spec = load_spec(spec_path)  # refuse a bad spec here, not on the cluster
+    text = cluster_spec_text(spec_path, spec)
     if submission_id is not None and not _SUBMISSION_ID.match(submission_id):
         raise InputError(f"submission id {submission_id!r} may hold only letters, digits, _ . -")
     c = client(address)
@@ -79,7 +80,7 @@ def submit(
             pass  # no such job yet
     workdir = Path(tempfile.mkdtemp(prefix="repscope-submit-"))
     try:
-        shutil.copyfile(spec_path, workdir / "spec.yaml")
+        (workdir / "spec.yaml").write_text(text)
         command = "nightly" if nightly else "run"
         entrypoint = f"repscope {command} spec.yaml --json" + (" --overwrite" if overwrite else "")
         # A freshly started head answers "No available agent" for a few seconds: retry
@@ -101,6 +102,27 @@ def submit(
         raise AssertionError("unreachable")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def cluster_spec_text(spec_path: Path, spec) -> str:
+    """The spec as the cluster's driver will read it: relative local paths (store, output)
+    made absolute, since only the spec travels and the driver runs in another folder;
+    memory:// refused, since the cluster cannot see this process's memory."""
+    import yaml
+
+    from repscope.store.urls import local_path, scheme_of
+
+    raw = yaml.safe_load(spec_path.read_text())
+    for key in ("store", "output"):
+        url = getattr(spec, key)
+        if scheme_of(url) == "memory":
+            raise InputError(f"{spec_path}: {key} {url!r} is in this process's memory, which "
+                             "the cluster cannot read; use a path the cluster shares or an "
+                             "object store (s3://, gs://)")
+        if scheme_of(url) == "file" and not local_path(url).is_absolute():
+            # Relative to where the command runs, as for `repscope run`.
+            raw[key] = str(local_path(url).absolute())
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def _known(c, submission_id: str):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,36 @@ def test_missing_token_mode_gives_actionable_error(ray_cluster, job):
 def test_bad_address_is_usage_error():
     result = repscope("status", "x", "--address", "localhost:8265", env=dict(os.environ))
     assert result.returncode == 2 and "dashboard URL" in result.stderr
+
+
+def test_run_without_token_mode_says_what_to_set_in_seconds(ray_cluster, job):
+    spec, _, _ = job
+    env = {k: v for k, v in ray_env().items() if k != "RAY_AUTH_MODE"}
+    t0 = time.perf_counter()
+    result = repscope("run", str(spec), "--address", ray_cluster.address, env=env, timeout=120)
+    seconds = time.perf_counter() - t0
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "set RAY_AUTH_MODE=token" in lines[0], result.stderr
+    assert seconds < 15, f"{seconds:.1f} s to say what is missing"  # Ray alone retries ~20 s
+
+
+def test_submit_resolves_relative_paths(ray_cluster, job, tmp_path):
+    """The README's relative paths: only the spec travels, so they are made absolute (from
+    where submit runs) before the job is sent."""
+    spec, _, data = job
+    store = spec.parent / "acts.zarr"
+    local = tmp_path / "job.yaml"
+    local.write_text("store: acts.zarr\noutput: out/relative.zarr\n"
+                     "metrics: [linear_cka, pwcca]\ncompute: {precision: float64}\n")
+    (tmp_path / "acts.zarr").symlink_to(store)
+    result = subprocess.run([REPSCOPE, "submit", "job.yaml", "--address", ray_cluster.dashboard,
+                             "--wait"], capture_output=True, text=True, timeout=240,
+                            env=ray_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_results(tmp_path / "out" / "relative.zarr", data)
+    local.write_text("store: memory://acts.zarr\noutput: out/m.zarr\nmetrics: [linear_cka]\n")
+    result = subprocess.run([REPSCOPE, "submit", "job.yaml", "--address", ray_cluster.dashboard],
+                            capture_output=True, text=True, timeout=60, env=ray_env(),
+                            cwd=tmp_path)
+    assert result.returncode == 2 and "cluster cannot read" in result.stderr

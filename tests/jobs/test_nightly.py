@@ -115,3 +115,51 @@ def test_report_draws_trends_over_checkpoints(tmp_path, embedded_ray):
     assert series["first"]["layer2"][1] == pytest.approx(values[5, 1])
     files = write_report(ds, tmp_path / "rep", "linear_cka")
     assert tmp_path / "rep" / "trend__linear_cka.png" in files
+
+
+def test_nightly_continues_from_a_run_output(tmp_path):
+    """The README's step 5 after step 3: nightly on the output `run` wrote reuses its
+    values; a new model then computes only its pairs, equal to a full run."""
+    store_url = str(tmp_path / "acts.zarr")
+    make_store(store_url, {"a": [6, 5], "b": [6, 5]}, rows=300)
+    spec = parse_spec(spec_text(store_url, tmp_path / "r.zarr"))
+    run_job(spec)
+    again = nightly_job(spec)
+    assert (again.pairs_computed, again.pairs_reused) == (0, 10)
+    store = ActivationStore.open(store_url)
+    for i, acts in enumerate(deep_net_activations(300, [6, 5], seed=9)):
+        ingest_array(store, "c", f"layer{i + 1}", acts)
+    grown = nightly_job(spec)
+    assert grown.pairs_computed == 3 + 2 * 4 and grown.pairs_reused == 10
+    run_job(parse_spec(spec_text(store_url, tmp_path / "full.zarr")))
+    a, b = xr.open_zarr(tmp_path / "r.zarr"), xr.open_zarr(tmp_path / "full.zarr")
+    for m in METRICS:
+        np.testing.assert_allclose(a[m].values, b[m].values, rtol=0, atol=1e-9, err_msg=m)
+
+
+@pytest.mark.parametrize("compute", [{"space": "sample", "precision": "float64"},
+                                     {"bootstrap": 10, "bootstrap_shards": 4,
+                                      "precision": "float64"}])
+def test_nightly_in_the_sample_space_and_with_a_bootstrap(tmp_path, compute):
+    """Nightly gets what run has: the sample space, and bootstrap bounds equal to a full
+    run's (the same shards and replicates)."""
+    metrics = ["linear_cka", "procrustes"]
+    store_url = str(tmp_path / "acts.zarr")
+    make_store(store_url, {"a": [6, 5], "b": [6, 5]}, rows=200)
+
+    def spec(out):
+        return parse_spec(f"store: {store_url}\noutput: {out}\nmetrics: {json.dumps(metrics)}\n"
+                          f"compute: {json.dumps(compute)}\n")
+
+    nightly_job(spec(tmp_path / "n.zarr"))
+    store = ActivationStore.open(store_url)
+    for i, acts in enumerate(deep_net_activations(200, [6, 5], seed=4)):
+        ingest_array(store, "c", f"layer{i + 1}", acts)
+    grown = nightly_job(spec(tmp_path / "n.zarr"))
+    assert grown.pairs_computed == 11 and grown.space == compute.get("space", "feature")
+    run_job(spec(tmp_path / "full.zarr"))
+    a, b = xr.open_zarr(tmp_path / "n.zarr"), xr.open_zarr(tmp_path / "full.zarr")
+    names = [v for v in b.data_vars]
+    assert names == [v for v in a.data_vars]
+    for v in names:
+        np.testing.assert_allclose(a[v].values, b[v].values, rtol=0, atol=1e-9, err_msg=v)
