@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from repscope.cluster.registry import METRICS, check_metrics
 from repscope.errors import InputError
@@ -64,6 +63,8 @@ def rank_correlations(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return (np.nan,) * 4
+    from scipy import stats  # 2 s to import: only when a test runs
+
     rho = stats.spearmanr(x, y)
     tau = stats.kendalltau(x, y)
     return float(rho.statistic), float(rho.pvalue), float(tau.statistic), float(tau.pvalue)
@@ -176,6 +177,8 @@ def same_layer_auc(same: np.ndarray, different: np.ndarray) -> tuple[float, floa
     """
     if same.size == 0 or different.size == 0:
         return np.nan, np.nan
+    from scipy import stats
+
     test = stats.mannwhitneyu(different, same, alternative="greater")
     return float(test.statistic / (same.size * different.size)), float(test.pvalue)
 

@@ -113,7 +113,7 @@ def open_results(url: str, storage_options: dict | None = None):
             where = _staging(url) if _committing(url, storage_options) else url
         try:
             with xr.open_zarr(where, storage_options=storage_options or None,
-                              zarr_format=3) as ds:
+                              zarr_format=3, chunks=None) as ds:
                 loaded = ds.load()
         except (FileNotFoundError, KeyError, ValueError) as exc:
             raise NotFoundError(
@@ -185,7 +185,7 @@ def _roll_forward(url: str, storage_options: dict | None) -> None:
     if not fs.exists(marker):
         return
     with xr.open_zarr(_staging(url), storage_options=storage_options or None,
-                      zarr_format=3) as staged:
+                      zarr_format=3, chunks=None) as staged:
         to_zarr(staged.load(), url, storage_options)
     fs.rm(marker)
     staging_fs, staging = _fs_path(_staging(url), storage_options)
