@@ -49,9 +49,11 @@ from repscope.store.urls import scheme_of
 
 __all__ = ["RunSummary", "Statistics", "execute_job", "run_job", "choose_executor"]
 
-# Jobs whose accumulation needs fewer flops than this run in this process by default: on
-# one machine Ray adds seconds of start-up and nothing else (docs/performance.md).
-IN_PROCESS_FLOPS = 2e11
+# Without a cluster, jobs whose accumulation needs fewer flops than this (a minute or two
+# here) run in this process: on one machine Ray adds seconds of start-up and copies of the
+# moments through its object store, and buys retries of lost workers, which only long jobs
+# need (docs/performance.md).
+IN_PROCESS_FLOPS = 5e12
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,13 @@ from repscope.store.layout import format_bytes, natural_sorted
 
 # Per tile a task holds the float64 accumulator, the block product and a merge temporary.
 _TILE_COPIES = 3
-# float32 input rows per GEMM block of a tile (the group read once on a diagonal tile, both
-# groups otherwise): large blocks keep the GEMMs at BLAS peak and make the per-block
-# d_a x d_b accumulator addition small next to them (docs/performance.md).
-_BLOCK_BYTES = 512 << 20
-_MIN_BLOCK_ROWS = 2048
-_MAX_BLOCK_ROWS = 65536
+# Rows per GEMM block of a tile. A block costs rows x d_a x d_b multiply-adds and one
+# d_a x d_b float64 addition into the accumulator, so the addition's share falls with the
+# rows whatever the width: 8,192 rows keep it at about 1% (docs/performance.md). A diagonal
+# tile's syrk does half the work per row, so it takes twice the rows. Blocks (and the one
+# being read ahead) stay within a quarter of the memory per worker, at least 1,024 rows.
+_BLOCK_ROWS = 8192
+_MIN_BLOCK_ROWS = 1024
 # Sample space: gram_products' float64 slab buffers (cluster.gram._SLAB_BYTES).
 _SLAB_BYTES = 128 << 20
 _MAX_TASK_THREADS = 16
@@ -88,7 +89,7 @@ class Plan:
         exactly one of them (see tile_pairs).
     fresh: the units whose pairs are computed (all units, except in nightly runs).
     row_ranges: [start, stop) of each task's rows; together they cover the rows once.
-    block_rows: rows per GEMM inside a task of the widest tile (see tile_block_rows).
+    block_rows: rows per GEMM of an off-diagonal tile (see tile_block_rows).
     """
 
     units: tuple[PlannedUnit, ...]
@@ -106,7 +107,7 @@ class Plan:
     threads: int = 1  # BLAS threads per task (Ray CPUs it asks for)
     basis: bool = False  # sample space: per-unit Gram eigenpairs (CCA family, Procrustes)
     tile_threads: int = 1  # sample space: BLAS threads of each tile task
-    block_bytes: int = 0  # feature space: input bytes per block (0: block_rows everywhere)
+    block_rows_fixed: bool = False  # the spec set block_rows: the same for every tile
     stream_tiles: bool = False  # feature space: finish tiles as they arrive (jobs.finish)
     driver_cpus: int = 1  # threads the driver finishes pairs with
 
@@ -137,13 +138,14 @@ class Plan:
         return tuple(self.units[u].features for u in self.groups[group])
 
     def tile_block_rows(self, a: int, b: int) -> int:
-        """Rows per GEMM block of tile (a, b): the same bytes per block for every tile, so a
-        diagonal tile (one group read) takes blocks of twice the rows of an off-diagonal one
-        of the same groups' width. A spec's block_rows applies to every tile."""
-        if not self.block_bytes:
+        """Rows per GEMM block of tile (a, b): twice ``block_rows`` for a diagonal tile (its
+        syrk does half the work per row), within a quarter of the memory per worker for the
+        block and the next one. A spec's block_rows applies to every tile as it is."""
+        if self.block_rows_fixed:
             return self.block_rows
         width = sum(self.widths(a)) + (0 if a == b else sum(self.widths(b)))
-        return _block_rows(self.block_bytes, width)
+        wanted = self.block_rows * (2 if a == b else 1)
+        return _block_rows(wanted, self.memory_per_worker, width)
 
     def gemm_flops(self) -> float:
         """Multiply-add flops (2 per MAC) of the accumulation: symmetric tiles counted half.
@@ -379,21 +381,23 @@ def make_plan(spec: JobSpec, sel: Selection, res: Resources, *,
     width = [sum(units[i].features for i in g) for g in groups]
     widest_tile = max(width[a] + (0 if a == b else width[b]) for a, b in tiles)
     tile_sizes = [8 * width[a] * width[b] for a, b in tiles]  # float64 moments of each tile
-    # A block and the next one (prefetched) in at most half the memory per worker.
-    block_bytes = min(_BLOCK_BYTES, memory // 4)
-    block_rows = spec.compute.block_rows or _block_rows(block_bytes, widest_tile)
-    # Few tiles (fewer than two per worker): tasks of several BLAS threads (up to one node's
-    # worth). On 2 cores that is one task per tile with both cores, tiles one after another:
-    # one accumulator in memory, no idle worker at the end (docs/performance.md). Tiles are
-    # split into row ranges (partials merged exactly) only while all the partials together
-    # stay under _PARTIAL_BYTES: whatever the rows, the job's memory is bounded (flat in
-    # rows). Many tiles: one single-threaded task per tile.
+    block_rows = spec.compute.block_rows or _block_rows(_BLOCK_ROWS, memory, widest_tile)
+    # Few tiles (fewer than two per worker): tasks of several BLAS threads, up to one node's
+    # CPUs. On one machine that is one task per tile with all its cores, tiles one after
+    # another: one accumulator in memory, no idle worker at the end (docs/performance.md).
+    # On several nodes, tiles are split into row ranges (partials merged exactly) until
+    # every node's CPUs have tasks, twice over for balance, while the partials together fit a
+    # quarter of the cluster's task memory (at least _PARTIAL_BYTES): whatever the rows, the
+    # job's memory is bounded (flat in rows). Many tiles: one single-threaded task per tile.
     tile_bytes = max(tile_sizes)
     if len(tiles) < 2 * workers:
         threads = min(workers, res.node_cpus, _MAX_TASK_THREADS)
-        splits = max(1, min(math.ceil(2 * workers / len(tiles)), math.ceil(n / block_rows)))
-        if splits * len(tiles) * tile_bytes > _PARTIAL_BYTES:
-            splits = 1
+        slots = math.ceil(workers / threads)  # tasks the cluster runs at once
+        splits = 1 if slots == 1 else max(1, math.ceil(2 * slots / len(tiles)))
+        splits = max(1, min(splits, n // min(block_rows, _MIN_BLOCK_ROWS)))
+        budget = max(_PARTIAL_BYTES, workers * memory // 4)
+        while splits > 1 and splits * len(tiles) * tile_bytes > budget:
+            splits -= 1
     else:
         threads, splits = 1, 1
     if spec.compute.bootstrap:
@@ -430,13 +434,16 @@ def make_plan(spec: JobSpec, sel: Selection, res: Resources, *,
         fresh=fresh,
         threads=threads,
         stream_tiles=sum(tile_sizes) > res.driver_memory // 2,
-        block_bytes=0 if spec.compute.block_rows else block_bytes,
+        block_rows_fixed=bool(spec.compute.block_rows),
         driver_cpus=res.driver_cpus,
     )
 
 
-def _block_rows(block_bytes: int, width: int) -> int:
-    return int(min(_MAX_BLOCK_ROWS, max(_MIN_BLOCK_ROWS, block_bytes // (4 * width))))
+def _block_rows(wanted: int, memory_per_worker: int, width: int) -> int:
+    """``wanted`` rows, fewer if a float32 block and the one read ahead would take more than
+    a quarter of the memory per worker (at least _MIN_BLOCK_ROWS)."""
+    fits = memory_per_worker // (8 * 4 * max(1, width))
+    return int(max(_MIN_BLOCK_ROWS, min(wanted, fits)))
 
 
 # -- tasks ----------------------------------------------------------------------------------

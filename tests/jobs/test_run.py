@@ -8,7 +8,9 @@ finalizers on a one-shot computation); tiling and row splits change only the mer
 
 from __future__ import annotations
 
+import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -65,16 +67,37 @@ def test_matrices_equal_in_memory_metrics(small_store, tmp_path, embedded_ray, e
                 assert got == pytest.approx(expected[metric], abs=1e-8), (metric, ui, uj)
 
 
+class OneCpuNodes:
+    """An executor whose machines are nodes of 1 CPU each: the planner then splits tiles
+    into row ranges so that every node has a task."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def resources(self, memory_per_worker=None):
+        return replace(self.inner.resources(memory_per_worker), node_cpus=1)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 @pytest.mark.parametrize("executor", ["process", "ray"])
 def test_tiles_and_row_ranges_do_not_change_the_answer(small_store, tmp_path, embedded_ray,
                                                        executor):
+    from repscope.cluster.execute import LocalExecutor, RayExecutor
+    from repscope.jobs.pipeline import execute_job
+
     store, _ = small_store
     one = run(spec_for(store, str(tmp_path / "one.zarr"), compute={"precision": "float64"}))
     # widths 6, 9, 5, 6, 9, 5: a 9600-byte budget allows 20 columns per group -> 2 groups,
-    # 3 tiles, each split into row ranges of 64-row blocks
-    many = run(spec_for(store, str(tmp_path / "many.zarr"), compute={
-        "precision": "float64", "memory_per_worker": 9600, "block_rows": 64, "workers": 2,
-        "executor": executor}))
+    # 3 tiles, each split into row ranges of 64-row blocks on 1-CPU nodes
+    spec = parse_spec(spec_for(store, str(tmp_path / "many.zarr"), compute={
+        "precision": "float64", "memory_per_worker": 9600, "block_rows": 64, "workers": 2}))
+    inner = LocalExecutor(2) if executor == "process" else RayExecutor(None, 2)
+    try:
+        many, _ = execute_job(spec, executor=OneCpuNodes(inner), log=io.StringIO())
+    finally:
+        inner.close()
     assert one.tiles == 1 and many.tiles == 3 and many.tasks > many.tiles
     a, b = xr.open_zarr(tmp_path / "one.zarr"), xr.open_zarr(tmp_path / "many.zarr")
     for metric in ALL:

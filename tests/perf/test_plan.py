@@ -104,13 +104,31 @@ def test_finished_task_moments_are_saved_only_when_they_wait():
     """A task's finished moments are checkpointed only if something runs after it before its
     tile is finished: sibling row ranges, or other tiles (tiles finished after the
     accumulation). The only task of a job saves nothing (W2: a 1.9 GB write)."""
-    def flags(store, **compute):
-        plan = plan_for(_spec(["linear_cka"], **compute), store, workers=2)
+    def flags(store, node_cpus=None, **compute):
+        plan = plan_for(_spec(["linear_cka"], **compute), store, workers=2, node_cpus=node_cpus)
         return plan, [t.save_result for ts in tile_tasks(plan).values() for t in ts]
 
     plan, saves = flags(_MetaStore(10, 6, 256, 50_000))
     assert (len(plan.tiles), len(plan.row_ranges)) == (1, 1) and saves == [False]
     plan, saves = flags(_MetaStore(2, 13, 768, 100_000))
     assert len(plan.tiles) == 3 and not plan.stream_tiles and all(saves)
-    plan, saves = flags(_MetaStore(2, 2, 64, 100_000))
+    plan, saves = flags(_MetaStore(2, 2, 64, 100_000), node_cpus=1)  # two nodes of 1 CPU
     assert len(plan.tiles) == 1 and len(plan.row_ranges) > 1 and all(saves)
+
+
+def test_row_ranges_give_every_node_a_task():
+    """One machine: one task with all its CPUs. Nodes of 1 CPU: the one tile is split into
+    row ranges, twice as many as CPUs, whatever the tile's size (up to a quarter of the
+    cluster's task memory); blocks never exceed a quarter of a worker's memory."""
+    store = _MetaStore(2, 6, 512, 30_000)
+    one = plan_for(_spec(["linear_cka"]), store, workers=2)
+    assert (len(one.tiles), len(one.row_ranges), one.threads) == (1, 1, 2)
+    eight = plan_for(_spec(["linear_cka"]), store, workers=8, node_cpus=1)
+    assert len(eight.row_ranges) >= 8 and eight.threads == 1
+    assert len(eight.row_ranges) * 8 * 6144**2 <= 8 * eight.memory_per_worker // 4
+    assert one.block_rows == 8192 and one.tile_block_rows(0, 0) == 16384
+    tight = plan_for(_spec(["linear_cka"], memory_per_worker="64MiB"), store, workers=2)
+    for a, b in tight.tiles:
+        rows = tight.tile_block_rows(a, b)
+        width = sum(tight.widths(a)) + (0 if a == b else sum(tight.widths(b)))
+        assert 2 * rows * 4 * width <= (64 << 20) // 4 or rows == 1024
