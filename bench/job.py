@@ -1,5 +1,6 @@
 """One job in a child process, so its peak memory (driver, Ray, workers) is measured alone:
-`python -m bench.job SPEC_JSON` runs it and prints the RunSummary and wall time as JSON."""
+`python -m bench.job SPEC_JSON [ADDRESS]` runs it and prints the RunSummary and wall time as
+JSON."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def main() -> None:
     from repscope.jobs.spec import spec_from_dict
 
     spec = spec_from_dict(json.loads(sys.argv[1]))
-    summary = run_job(spec, overwrite=True, log=open(os.devnull, "w"))
+    address = sys.argv[2] if len(sys.argv) > 2 else None
+    summary = run_job(spec, address=address, overwrite=True, log=open(os.devnull, "w"))
     print(json.dumps({"summary": summary.to_dict(), "seconds": time.perf_counter() - t0}))
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
-from bench import naive
+from bench import everyday, naive
 from bench.workloads import FULL, QUICK, build_store
 
 
@@ -88,9 +88,11 @@ def gemm_rate(rows: int, width: int, repeats: int = 3) -> float:
     return rows * width * width / best  # 2 flops per MAC, half the matrix
 
 
-def run_ours(url: str, w, out: str, rows: int | None = None, **compute):
+def run_ours(url: str, w, out: str, rows: int | None = None, address: str | None = None,
+             **compute):
     """Our job end to end in a child process (Python start, imports and Ray start included):
-    (summary, plan, matrices, units, seconds, PeakRSS of the child's process tree)."""
+    (summary, plan, matrices, units, seconds, PeakRSS of the child's process tree). The plan
+    is the one this machine's resources give (a cluster's may split rows differently)."""
     from types import SimpleNamespace
 
     from repscope.cluster.execute import LocalExecutor
@@ -104,8 +106,8 @@ def run_ours(url: str, w, out: str, rows: int | None = None, **compute):
     if rows:
         raw["rows"] = {"start": 0, "stop": rows}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.job", json.dumps(raw)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.job", json.dumps(raw),
+                             *([address] if address else [])], stdout=subprocess.PIPE, text=True)
     with PeakRSS(proc.pid) as rss:
         stdout, _ = proc.communicate()
     seconds = time.perf_counter() - t0
@@ -229,7 +231,9 @@ def bench_workload(w, cache: str, outdir: str, quick: bool) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 cores)")
-    ap.add_argument("--workloads", default="W1,W2,W3,W4")
+    ap.add_argument("--workloads", default="S1,S2,M,N",
+                    help="comma-separated: S1,S2,M,N (bench/everyday.py, minutes) and "
+                    "W1,W2,W3,W4 (the large workloads, most of an hour)")
     ap.add_argument("--rows", type=int, help="override the rows of W1/W3 (W3 gets 4x)")
     ap.add_argument("--out", default="bench-output/bench.json")
     ap.add_argument("--cache", default="bench-output/cache")
@@ -237,21 +241,31 @@ def main(argv=None) -> None:
     table = QUICK if args.quick else FULL
     outdir = os.path.dirname(args.out) or "."
     os.makedirs(args.cache, exist_ok=True)
-    rows = []
-    for name in args.workloads.split(","):
-        w = table[name.strip()]
+    rows, everyday_rows = [], {}
+    for name in (n.strip() for n in args.workloads.split(",")):
+        if name in everyday.BENCHES:
+            print(f"[{name}] ...", file=sys.stderr)
+            everyday_rows[name] = everyday.BENCHES[name](args.cache, outdir, args.quick)
+            _write(args.out, rows, everyday_rows)
+            continue
+        w = table[name]
         if args.rows and w.name in ("W1", "W3"):
             w = replace(w, rows=args.rows * (4 if w.name == "W3" else 1))
         rows.append(bench_workload(w, args.cache, outdir, args.quick))
-        _write(args.out, rows)
-    print_table(rows)
+        _write(args.out, rows, everyday_rows)
+    if rows:
+        print_table(rows)
+    if everyday_rows:
+        print("targets (issue 17):")
+        everyday.print_verdicts(everyday_rows)
 
 
-def _write(path, rows):
+def _write(path, rows, everyday_rows=None):
     import platform
 
     doc = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "numpy": np.__version__}, "workloads": rows}
+                       "numpy": np.__version__}, "workloads": rows,
+           "everyday": everyday_rows or {}}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, default=float)
 

@@ -72,6 +72,7 @@ class RunSummary:
     tasks: int
     gemm_flops: float
     accumulate_seconds: float
+    finish_seconds: float = 0.0  # finishing pairs from the statistics (per-unit, per-pair)
     rows_reused: int = 0  # rows of checkpointed partials loaded instead of recomputed
     tiles_reused: int = 0  # tiles an interrupted run had finished, restored not recomputed
     executor: str = ""  # where the tasks ran: process, embedded, cluster ("" if none ran)
@@ -388,6 +389,7 @@ def _execute(spec, store, sel, t0, *, address, overwrite, incremental, write, ke
         tasks=counters.tasks,
         gemm_flops=counters.flops,
         accumulate_seconds=round(counters.accumulate_seconds, 3),
+        finish_seconds=round(counters.finish_seconds, 3),
         rows_reused=counters.rows_reused,
         tiles_reused=counters.tiles_reused,
         executor=counters.executor,
