@@ -118,7 +118,7 @@ def test_npy_needs_a_layer_and_unknown_suffix(store, tmp_path):
     with pytest.raises(
         InputError,
         match=r"model 'm' \(file .*acts.npy\): a .npy file holds one "
-        r"layer; name it with --layer",
+        r"layer; name it with layer=\.\.\.$",
     ):
         ingest_path(store, "m", tmp_path / "acts.npy")
     (tmp_path / "acts.csv").write_text("1,2\n")
