@@ -362,8 +362,9 @@ class ActivationStore:
                 f"corrupt data in {what}, rows {start}:{stop}: {type(exc).__name__}: {exc}"
             ) from None
 
-    def prune(self, grace_s: float = layout.SUPERSEDED_GRACE_S) -> int:
-        """Remove versions that a later ingest replaced at least ``grace_s`` seconds ago.
+    def prune(self, grace_s: float | None = None) -> int:
+        """Remove versions that a later ingest replaced at least ``grace_s`` seconds ago
+        (default :data:`~repscope.store.layout.SUPERSEDED_GRACE_S`, 24 hours).
 
         Each new version of a unit already prunes that unit's old versions; this sweeps every
         unit. Returns the number of versions removed. A job still reading one of them fails

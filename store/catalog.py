@@ -413,8 +413,9 @@ class Catalog:
 
     # -- pruning -----------------------------------------------------------------------------
 
-    def _prune_entry(self, entry: UnitEntry, now: float,
-                     grace_s: float = layout.SUPERSEDED_GRACE_S) -> UnitEntry:
+    def _prune_entry(self, entry: UnitEntry, now: float, grace_s: float | None = None
+                     ) -> UnitEntry:
+        grace_s = layout.SUPERSEDED_GRACE_S if grace_s is None else grace_s
         old = [s for s in entry.superseded if now - s.at >= grace_s]
         if not old:
             return entry
@@ -425,11 +426,12 @@ class Catalog:
                 self._delete_version(layout.version_path(entry.model, entry.layer, s.version))
         return kept
 
-    def prune(self, grace_s: float = layout.SUPERSEDED_GRACE_S) -> int:
+    def prune(self, grace_s: float | None = None) -> int:
         """Remove superseded versions replaced at least ``grace_s`` seconds ago, in every unit.
 
         Returns how many versions were removed. Jobs reading a removed version fail with
-        UnitChangedError; the default grace lets jobs that started before the ingest finish.
+        UnitChangedError; the default grace (layout.SUPERSEDED_GRACE_S) lets jobs that
+        started before the ingest finish.
         """
         removed = 0
         with self.lock():

@@ -110,6 +110,11 @@ def open_zarr_store(url: str, storage_options: dict | None = None) -> Any:
     if not isinstance(url, str) or not url.strip():
         raise InputError(f"store URL must be a non-empty string, got {redact(repr(url))}")
     scheme = scheme_of(url)
+    if "::" in url:
+        raise InputError(
+            f"unsupported store URL {redact(url)[:200]}: chained fsspec URLs (a::b) are not "
+            "supported; give the store's own URL"
+        )
     if scheme == "file":
         if storage_options:
             raise InputError(
@@ -126,6 +131,8 @@ def open_zarr_store(url: str, storage_options: dict | None = None) -> Any:
             f"{scheme}://; pass them as storage options (key, secret) or through the "
             "backend's environment variables (AWS_ACCESS_KEY_ID, ...)"
         )
+    if scheme != "memory" and not url.split("://", 1)[1].strip("/"):
+        raise InputError(f"store URL {redact(url)[:200]} names no bucket: use {scheme}://BUCKET/PATH")
     module, extra = _FSSPEC_SCHEMES[scheme]
     if module is not None and importlib.util.find_spec(module) is None:
         raise InputError(

@@ -73,6 +73,7 @@ class UnitWriter:
         row_ids: Any = None,
         _row_set: RowSet | None = None,
         _source: object | None = None,
+        _source_dtype: str | None = None,
     ) -> None:
         self._done = True  # until set up: nothing to warn about if the checks below fail
         self.model = check_name("model", model)
@@ -116,6 +117,7 @@ class UnitWriter:
             catalog.check_rows(self._row_set, model, layer, self._ctx)
 
         self.source_dtype: str | None = None
+        self._recorded_source_dtype = _source_dtype  # a copy keeps its original's
         self._version: str | None = None
         self._array: Any = None
         self._buffer: np.ndarray | None = None
@@ -277,7 +279,7 @@ class UnitWriter:
                 self._array.update_attributes(
                     {
                         "complete": True,
-                        "source_dtype": self.source_dtype,
+                        "source_dtype": self._recorded_source_dtype or self.source_dtype,
                         "fingerprint": self._hash.hexdigest(),
                         "row_fingerprint": rows.fingerprint,
                     }
