@@ -32,6 +32,7 @@ from repscope.store.direct_read import (
     shard_layout,
 )
 from repscope.store.urls import open_zarr_store, redact, secrets_of, storage_errors
+from repscope.store.validate import shown
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class _Opened:
 
 
 def _close_matches(name: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=3)
+    close = difflib.get_close_matches(str(name)[:300], names, n=3)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
     return f"{hint} (known: {listed or 'none'})"
@@ -226,7 +227,7 @@ class ActivationStore:
         if not layers:
             models = layout.natural_sorted({m for m, _ in units})
             raise NotFoundError(
-                f"model {model!r} not in store {self.url}{_close_matches(model, models)}"
+                f"model {shown(model)} not in store {self.url}{_close_matches(model, models)}"
             )
         return layers
 
@@ -240,7 +241,9 @@ class ActivationStore:
             state, hint = "is incomplete (interrupted ingest; ingest it again)", ""
         else:
             state, hint = "not found", _close_matches(layer, layers)
-        raise NotFoundError(f"layer {layer!r} of model {model!r} {state} in store {self.url}{hint}")
+        raise NotFoundError(
+            f"layer {shown(layer)} of model {shown(model)} {state} in store {self.url}{hint}"
+        )
 
     def _open(self, model: str, layer: str, version: str | None) -> _Opened:
         """The array of ``version`` of a unit (default: the resolved current one), opened once."""
@@ -256,8 +259,10 @@ class ActivationStore:
                     array = zarr.open_array(self.catalog.zstore, path=entry.path, mode="r")
                 except FileNotFoundError:
                     array = None
-                except ValueError as exc:  # unreadable zarr.json
-                    raise IntegrityError(f"{what}: its array metadata is damaged: {exc}") from None
+                except (ValueError, TypeError, KeyError) as exc:  # unreadable zarr.json
+                    detail = " ".join(str(exc).split())[:200]
+                    raise IntegrityError(f"{what}: its array metadata is damaged: {detail}"
+                                         ) from None
             if array is None or array.attrs.get("complete") is not True:
                 current = self.catalog.entry(model, layer, fresh=True)
                 if version is not None or (
@@ -276,7 +281,7 @@ class ActivationStore:
         """The entry of a version a reader pinned, whether or not it is still current."""
         if not isinstance(version, str) or not version:
             raise InputError(f"model {model!r}, layer {layer!r}: version must be a non-empty "
-                             f"string from UnitInfo.version, got {version!r}")
+                             f"string from UnitInfo.version, got {shown(version)}")
         if self.catalog.format == 1:
             entry = self._entry(model, layer)
             if entry.version != version:

@@ -51,6 +51,12 @@ _MEMORY_LOCKS: dict[str, threading.Lock] = {}
 _MEMORY_LOCKS_GUARD = threading.Lock()
 
 
+def _storable(name: str) -> bool:
+    return 0 < len(name.encode("utf-8", "surrogatepass")) <= layout.MAX_NAME_BYTES and not (
+        "/" in name or "\\" in name or name in (".", "..")
+    )
+
+
 @dataclass(frozen=True)
 class Superseded:
     """A version replaced by a newer one at ``at`` (seconds since the epoch)."""
@@ -279,6 +285,8 @@ class Catalog:
         """The unit's entry (cached after the first look-up unless ``fresh``), or why there
         is none: ``"absent"`` or ``"incomplete"``."""
         key = (model, layer)
+        if not all(isinstance(n, str) and _storable(n) for n in key):
+            return "absent"  # could never have been written; asking the backend would fail
         if fresh:
             self._entries.pop(key, None)
         elif key in self._entries:

@@ -29,6 +29,12 @@ def where(model: str, layer: str | None = None, source: object | None = None) ->
     return text
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: what messages echo of user values."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
 def check_name(kind: str, name: object) -> str:
     """Refuse model or layer names that are empty or would escape or confuse the store.
 
@@ -37,9 +43,7 @@ def check_name(kind: str, name: object) -> str:
     than ``MAX_NAME_BYTES`` bytes in UTF-8 (file systems allow 255 per name) are refused.
     """
     if not isinstance(name, str):
-        shown = repr(name)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise InputError(f"{kind} name must be a string, got {type(name).__name__} {shown}")
+        raise InputError(f"{kind} name must be a string, got {type(name).__name__} {shown(name)}")
     size = len(name.encode("utf-8", "surrogatepass"))
     if size > MAX_NAME_BYTES:
         raise InputError(
