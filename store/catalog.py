@@ -113,8 +113,14 @@ class Catalog:
 
     def _root_record(self) -> dict:
         if self._root is None:
-            with self.errors():
-                raw = self.keys.get("zarr.json")
+            root = self.keys.local_root
+            if root is not None and root.is_file():
+                raise InputError(f"{self.url} is a file, not a store")
+            if root is not None and not (root / "zarr.json").is_file():
+                raw = None  # without asking zarr, whose LocalStore would create the folder
+            else:
+                with self.errors():
+                    raw = self.keys.get("zarr.json")
             if raw is None:
                 raise NotFoundError(f"no store at {self.url}; create one with 'repscope ingest'")
             self._root = self._parse_root(raw)
@@ -151,22 +157,18 @@ class Catalog:
 
     def create(self) -> None:
         """Create the store (format 2) unless it exists; refuse locations that hold other data."""
-        root = self.keys.local_root
-        if root is not None and not (root / "zarr.json").exists():
-            if root.is_file():
-                raise InputError(f"{self.url} is a file, not a store; choose another location")
-            if root.is_dir() and any(root.iterdir()):
-                raise InputError(
-                    f"{self.url} is a folder that holds other files, not a store; choose a "
-                    "new or empty location"
-                )
         doc = group_doc({layout.ROOT_ATTR: {"format": layout.FORMAT}})
+        root = self.keys.local_root
+        if root is not None and root.is_file():  # before zarr's LocalStore tries to mkdir it
+            raise InputError(f"{self.url} is a file, not a store; choose another location")
         with self.errors():
             raw = self.keys.get("zarr.json")
-            if raw is None and self.keys.create("zarr.json", dump_json(doc)):
-                self._root = None
-                return
-            raw = raw if raw is not None else self.keys.get("zarr.json")
+            if raw is None:
+                self._refuse_foreign_location()
+                if self.keys.create("zarr.json", dump_json(doc)):
+                    self._root = None
+                    return
+                raw = self.keys.get("zarr.json")  # another process created it meanwhile
         parsed = self._document(raw, "zarr.json", f"store {self.url}: its root metadata")
         attrs = parsed.get("attributes") or {}
         if parsed.get("node_type") == "group" and layout.ROOT_ATTR not in attrs:
@@ -180,6 +182,20 @@ class Catalog:
                 self.keys.put_json("zarr.json", doc)
         self._root = None
         self._root_record()
+
+    def _refuse_foreign_location(self) -> None:
+        """A local folder holding files that a concurrent creator of the store would not write."""
+        root = self.keys.local_root
+        if root is None:
+            return
+        ours = {"zarr.json", layout.UNITS, layout.ROWS}
+        if root.is_dir() and any(
+            p.name not in ours and not p.name.startswith(".zarr.json.") for p in root.iterdir()
+        ):
+            raise InputError(
+                f"{self.url} is a folder that holds other files, not a store; choose a new or "
+                "empty location"
+            )
 
     # -- rows -------------------------------------------------------------------------------
 
@@ -220,7 +236,6 @@ class Catalog:
 
         False if another writer recorded rows first (nothing written).
         """
-        import zarr
 
         doc = dump_json(group_doc({layout.ROWS_ATTR: rows.record(model, layer, time.time())}))
         key = f"{layout.ROWS}/zarr.json"
@@ -233,17 +248,23 @@ class Catalog:
                                (layout.ROW_MASK, rows.mask)):
                 if data is None:
                     self.keys.delete_dir(path)
-                elif data.dtype.kind in "iub":
-                    data = data.astype("<i8") if data.dtype.kind in "iu" else data
-                    zarr.create_array(self.zstore, name=path, data=data, overwrite=True)
                 else:
-                    # Variable-length UTF-8: the string dtype with a Zarr v3 extension spec
-                    # (fixed-width numpy unicode has none).
-                    arr = zarr.create_array(self.zstore, name=path, shape=data.shape, dtype=str,
-                                            overwrite=True)
-                    arr[:] = data.astype(str)
+                    self._write_row_array(path, data)
         self._rows_read = False
         return True
+
+    def _write_row_array(self, path: str, data: np.ndarray) -> None:
+        import zarr
+
+        if data.dtype.kind in "iub":
+            data = data.astype("<i8") if data.dtype.kind in "iu" else data
+            zarr.create_array(self.zstore, name=path, data=data, overwrite=True)
+        else:
+            # Variable-length UTF-8: the string dtype with a Zarr v3 extension spec (fixed-width
+            # numpy unicode has none).
+            arr = zarr.create_array(self.zstore, name=path, shape=data.shape, dtype=str,
+                                    overwrite=True)
+            arr[:] = data.astype(str)
 
     def check_rows(self, rows: RowSet, model: str, layer: str, ctx: str) -> None:
         """Refuse ``rows`` that cannot join the store (before any data is written)."""
@@ -257,7 +278,7 @@ class Catalog:
     def _may_redefine(self, stored: RowMeta, model: str, layer: str) -> bool:
         """Rows may change while no other unit is complete: the only unit being overwritten,
         or rows left by a writer that never published."""
-        if any((e.model, e.layer) != (model, layer) for e in self.units()):
+        if self.has_other_unit(model, layer):
             return False
         if self.has_lock or stored.set_by == (model, layer):
             return True
@@ -276,6 +297,19 @@ class Catalog:
             raws = self.keys.get_many(f"{layout.unit_path(*unit)}/zarr.json" for unit in names)
         entries = [self._parse_unit(*unit, raw) for unit, raw in zip(names, raws, strict=True)]
         return [e for e in entries if isinstance(e, UnitEntry)]
+
+    def has_other_unit(self, model: str, layer: str) -> bool:
+        """True if a unit other than (model, layer) is complete; stops at the first found,
+        so it usually costs a few requests, not one per unit."""
+        with self.errors():
+            for m in self._names(layout.UNITS):
+                for name in self._names(f"{layout.UNITS}/{m}"):
+                    if (m, name) == (model, layer):
+                        continue
+                    raw = self.keys.get(f"{layout.unit_path(m, name)}/zarr.json")
+                    if isinstance(self._parse_unit(m, name, raw), UnitEntry):
+                        return True
+        return False
 
     def _names(self, prefix: str) -> list[str]:
         return [n for n in self.keys.list_dir(prefix) if n != "zarr.json" and not
@@ -375,8 +409,12 @@ class Catalog:
             superseded = () if not isinstance(old, UnitEntry) else (
                 *old.superseded, Superseded(old.version, now))
             entry = UnitEntry(model, layer, version, path, superseded)
-            self._write_entry(entry)
-            self._entries[(model, layer)] = self._prune_entry(entry, now)
+            self._write_entry(entry)  # the switch: from here on the version is current
+            self._entries[(model, layer)] = entry
+            try:
+                self._entries[(model, layer)] = self._prune_entry(entry, now)
+            except Exception:
+                pass  # the unit is published; old versions go at a later publish or prune()
         return self._entries[(model, layer)]
 
     def _settle_rows(self, rows: RowSet, model: str, layer: str, ctx: str) -> None:
@@ -388,11 +426,23 @@ class Catalog:
                 continue
             problem = incompatibility(stored, rows, ctx, lambda: self.row_array(layout.ROW_IDS))
             if problem is None:
+                self._complete_row_arrays(stored, rows)
                 return
             if not self._may_redefine(stored, model, layer):
                 raise InputError(problem)
             self._write_rows(rows, model, layer, replace_rows=True)
             return
+
+    def _complete_row_arrays(self, stored: RowMeta, rows: RowSet) -> None:
+        """Write row arrays the record announces but that are missing (their writer stopped
+        between recording the rows and writing them), from this writer's equal rows."""
+        parts = [(layout.ROW_IDS, stored.row_ids, rows.ids),
+                 (layout.ROW_EXAMPLE, stored.example_map, rows.example),
+                 (layout.ROW_MASK, stored.padding_mask, rows.mask)]
+        with self.errors():
+            for path, announced, data in parts:
+                if announced and data is not None and self.keys.get(f"{path}/zarr.json") is None:
+                    self._write_row_array(path, data)
 
     def _write_entry(self, entry: UnitEntry) -> None:
         record = {

@@ -109,9 +109,7 @@ class UnitWriter:
             )
         # The store's row count, if other units fix it: appends beyond it fail early.
         stored = catalog.rows(fresh=True)
-        others = stored is not None and any(
-            (e.model, e.layer) != (model, layer) for e in catalog.units()
-        )
+        others = stored is not None and catalog.has_other_unit(model, layer)
         self._row_limit = stored.n_rows if others else None
         if self._row_set is not None:
             catalog.check_rows(self._row_set, model, layer, self._ctx)

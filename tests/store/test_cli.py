@@ -198,6 +198,8 @@ def _format1_root(store_path) -> None:
                                 r"one Python process, so 'repscope ingest' would lose the data"),
         ("memory", "inspect", 2, r"'repscope inspect' would find it empty"),
         ("file", "ingest", 2, r"is a file, not a store"),
+        ("file", "inspect", 2, r"is a file, not a store"),
+        ("missing", "inspect", 2, r"no store at .*st; create one with 'repscope ingest'"),
         ("folder", "ingest", 2, r"is a folder that holds other files, not a store"),
     ],
 )
@@ -238,6 +240,8 @@ def test_damaged_and_odd_stores_are_one_line(tmp_path, capsys, case, command, co
         assert st.read_text() == "my notes"
     if case == "folder":
         assert sorted(p.name for p in st.iterdir()) == ["notes.txt"]
+    if case == "missing":
+        assert not st.exists()  # looking did not create it
 
 
 def test_cli_messages_name_cli_flags_and_python_messages_name_keywords(tmp_path, capsys):
