@@ -3,10 +3,13 @@
 This is the store's bookkeeping, and the only module that writes its metadata documents.
 ActivationStore reads through it; UnitWriter writes through it, with this interface only:
 
-- :meth:`Catalog.check_writable` refuses stores this version reads but does not write;
+- before writing: :meth:`Catalog.check_writable` (refuses stores this version reads but does
+  not write), :meth:`Catalog.entry` (is the unit there already?), :meth:`Catalog.rows`,
+  :meth:`Catalog.has_other_unit` and :meth:`Catalog.check_rows` (may these rows join?);
 - :meth:`Catalog.begin` names a new version of a unit (and removes the unit's leftover
   versions of interrupted ingests); the writer then writes the version's array at
-  :func:`~repscope.store.layout.version_path`, marks it complete and calls
+  :func:`~repscope.store.layout.version_path` in :attr:`Catalog.zstore`, inside
+  :meth:`Catalog.errors`, marks it complete and calls
 - :meth:`Catalog.publish`, which checks or records the store's rows and switches the unit
   to the new version, in one step under the store's lock; or :meth:`Catalog.discard`.
 
@@ -101,11 +104,6 @@ class Catalog:
         self._entries.clear()
 
     # -- the root ------------------------------------------------------------------------
-
-    def exists(self) -> bool:
-        """True if the store's root document exists (whatever it holds)."""
-        with self.errors():
-            return self.keys.get("zarr.json") is not None
 
     @property
     def format(self) -> int:
