@@ -32,7 +32,19 @@ class SpecError(InputError):
 
 
 class StorageError(RepscopeError, OSError):
-    """The storage backend failed (unreachable, corrupt chunk) after bounded retries."""
+    """The storage backend failed (unreachable, refused, timed out) after bounded retries.
+
+    An ``OSError``: such failures are often transient, so executors may retry the task.
+    """
+
+    exit_code = 1
+
+
+class IntegrityError(RepscopeError, RuntimeError):
+    """Stored data is missing or damaged: a deleted or truncated shard, a checksum mismatch,
+    unreadable metadata. Deliberately not an ``OSError``: a retry reads the same bytes, so
+    executors must not retry it. The message names the store, unit, shard and rows.
+    """
 
     exit_code = 1
 
@@ -41,3 +53,10 @@ class ConflictError(RepscopeError, RuntimeError):
     """Another run holds the output, or the output holds results of a different spec."""
 
     exit_code = 1
+
+
+class UnitChangedError(ConflictError):
+    """The version of a unit that a reader pinned (``UnitInfo.version``) is gone or changed,
+    because the unit was ingested again and the old version removed. Not retried: rerun
+    the job to read the current version.
+    """

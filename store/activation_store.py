@@ -1,8 +1,11 @@
-"""ActivationStore: the read side of a store, and the row bookkeeping writers rely on.
+"""ActivationStore: the read side of a store, and :func:`open_store`.
 
-A store is a Zarr v3 group at a URL (see store/layout.py and docs/store.md). Units are
-(rows, features) arrays; a unit is visible only once its ``complete`` attribute is true, which
-a writer sets last, so readers never see a half-written unit on any backend.
+A store is a Zarr v3 group at a URL (store/layout.py, docs/store.md). Units (model, layer)
+are (rows, features) arrays, all with the same rows. Each unit has immutable *versions*; a
+reader resolves a unit's current version once and reads only it, so an ingest that replaces
+the unit meanwhile never mixes old and new rows into one read sequence. Writers go through
+:meth:`ActivationStore.writer` (store/writer.py), which keeps its bookkeeping in the store's
+:class:`~repscope.store.catalog.Catalog`.
 """
 
 from __future__ import annotations
@@ -12,12 +15,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
 
-from repscope.errors import InputError, NotFoundError, StorageError
+from repscope.errors import (
+    InputError,
+    IntegrityError,
+    NotFoundError,
+    UnitChangedError,
+)
 from repscope.store import layout
-from repscope.store.direct_read import ShardLayout, read_rows, shard_layout
-from repscope.store.urls import open_zarr_store, option_values, redact, storage_errors
+from repscope.store.catalog import Catalog, UnitEntry
+from repscope.store.direct_read import (
+    ShardError,
+    ShardLayout,
+    read_rows,
+    read_rows_remote,
+    shard_layout,
+)
+from repscope.store.urls import open_zarr_store, redact, secrets_of, storage_errors
+from repscope.store.validate import shown
 
 
 @dataclass(frozen=True)
@@ -26,8 +41,11 @@ class UnitInfo:
 
     ``rows`` x ``features`` values in storage ``dtype`` (float32 or float16), converted at
     ingest from ``source_dtype``; ``chunk_rows``/``shard_rows`` rows per chunk/shard;
-    ``nbytes`` the uncompressed size; ``fingerprint`` a hash of the stored bytes (same
-    fingerprint, bit-identical data), used by incremental runs to detect changed units.
+    ``nbytes`` the uncompressed size in bytes; ``fingerprint`` a hash of the stored bytes
+    (same fingerprint, bit-identical data), used by incremental runs to detect changed
+    units; ``version`` the immutable version these describe: pass it to
+    :meth:`ActivationStore.read` to read exactly this data (format-1 stores have no
+    versions: there it is the fingerprint).
     """
 
     model: str
@@ -40,51 +58,61 @@ class UnitInfo:
     shard_rows: int
     nbytes: int
     fingerprint: str
+    version: str
 
 
-@dataclass(frozen=True)
-class RowSet:
-    """The rows of an ingest: count, optional ids, and for token input the example map.
+@dataclass
+class _Opened:
+    """A unit version's array, opened once: its entry, array and direct-read layout."""
 
-    ``ids`` has one entry per row (2-D input) or per example (3-D input, ``ids_level``
-    "example"); ``example`` is the (rows,) row -> example map, ``mask`` the
-    (examples, tokens) padding mask (True = padded, dropped) of 3-D input.
-    """
-
-    n_rows: int
-    ids: np.ndarray | None = None
-    ids_level: str = "row"
-    example: np.ndarray | None = None
-    mask: np.ndarray | None = None
-
-    @property
-    def fingerprint(self) -> str:
-        return layout.row_fingerprint(self.n_rows, self.ids, self.example, self.mask)
+    entry: UnitEntry
+    array: Any
+    direct: ShardLayout | None
 
 
 def _close_matches(name: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=3)
+    close = difflib.get_close_matches(str(name)[:300], names, n=3)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
     return f"{hint} (known: {listed or 'none'})"
 
 
+def open_store(
+    url: str, mode: str = "r", storage_options: dict | None = None
+) -> ActivationStore:
+    """Open the activation store at ``url`` (a path, ``file://``, ``memory://``, ``s3://``,
+    ``gs://``).
+
+    ``mode`` "r": the store must exist (NotFoundError otherwise); "a": it is created if
+    missing. Reading and writing work in both modes (``store.writer(model, layer)``).
+    ``storage_options``: fsspec options for remote URLs (credentials, endpoint).
+    """
+    if mode == "r":
+        return ActivationStore.open(url, storage_options)
+    if mode == "a":
+        return ActivationStore.create(url, storage_options)
+    raise InputError(
+        f"mode {redact(repr(mode))[:40]} is not a store mode: use 'r' (must exist) or 'a' "
+        "(create if missing)"
+    )
+
+
 class ActivationStore:
     """A store of activation units (model, layer), each an array of shape (rows, features).
 
-    Open with :meth:`open` (must exist) or :meth:`create` (created if missing). Instances pickle
-    as their URL and storage options and reconnect lazily, so Ray workers can receive them.
+    Open with :func:`open_store`, :meth:`open` (must exist) or :meth:`create` (created if
+    missing). Instances pickle as their URL and storage options and reconnect lazily, so
+    Ray workers can receive them. Reads without a ``version`` use the version this object
+    resolved first for that unit (until :meth:`refresh`).
     """
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self._raw_url = url
         self._options = dict(storage_options or {})
-        self._secrets = option_values(self._options)
+        self._secrets = secrets_of(url, self._options)
         self.url = redact(url, self._secrets)
-        self._zstore: Any = None
-        self._root_group: Any = None
-        self._arrays: dict[tuple[str, str], Any] = {}
-        self._direct: dict[tuple[str, str], ShardLayout | None] = {}  # see store/direct_read
+        self._catalog: Catalog | None = None
+        self._opened: dict[str, _Opened] = {}  # by version path
 
     # -- opening -------------------------------------------------------------------------
 
@@ -92,63 +120,38 @@ class ActivationStore:
     def open(cls, url: str, storage_options: dict | None = None) -> ActivationStore:
         """Open an existing store; :class:`NotFoundError` naming the URL if there is none."""
         store = cls(url, storage_options)
-        with store._errors():
-            try:
-                group = zarr.open_group(store._store(), mode="r")
-            except FileNotFoundError:
-                raise NotFoundError(
-                    f"no store at {store.url}; create one with 'repscope ingest'"
-                ) from None
-        store._check_format(group)
-        store._root_group = group
+        store.catalog.format  # noqa: B018  (reads and checks the root document)
         return store
 
     @classmethod
     def create(cls, url: str, storage_options: dict | None = None) -> ActivationStore:
         """Open the store at ``url``, creating an empty one if there is none."""
         store = cls(url, storage_options)
-        with store._errors():
-            group = zarr.open_group(store._store(), mode="a")
-            if layout.ROOT_ATTR not in group.attrs:
-                if next(iter(group.keys()), None) is not None:
-                    raise InputError(
-                        f"{store.url} holds a Zarr group that is not a repscope store; "
-                        "choose an empty location"
-                    )
-                group.update_attributes({layout.ROOT_ATTR: {"format": layout.FORMAT}})
-        store._check_format(group)
-        store._root_group = group
+        store.catalog.create()
         return store
 
-    def _check_format(self, group: Any) -> None:
-        meta = group.attrs.get(layout.ROOT_ATTR)
-        if not isinstance(meta, dict):
-            raise InputError(f"{self.url} is a Zarr group but not a repscope store")
-        if meta.get("format") != layout.FORMAT:
-            raise InputError(
-                f"{self.url} has store format {meta.get('format')!r}; this repscope reads "
-                f"format {layout.FORMAT}"
-            )
-
-    def _store(self) -> Any:
-        if self._zstore is None:
-            self._zstore = open_zarr_store(self._raw_url, self._options)
-        return self._zstore
-
-    def _root(self) -> Any:
-        if self._root_group is None:
+    @property
+    def catalog(self) -> Catalog:
+        """The store's bookkeeping (versions, rows): the interface writers use."""
+        if self._catalog is None:
             with self._errors():
-                self._root_group = zarr.open_group(self._store(), mode="r+")
-        return self._root_group
+                zstore = open_zarr_store(self._raw_url, self._options)
+            self._catalog = Catalog(zstore, self.url, self._errors)
+        return self._catalog
+
+    @property
+    def format(self) -> int:
+        """The store's format: 2 (written by this version) or 1 (read only)."""
+        return self.catalog.format
 
     def _errors(self):
         return storage_errors(self._raw_url, self._options)
 
     def refresh(self) -> None:
         """Forget cached metadata, to see units written by other processes since opening."""
-        self._root_group = None
-        self._arrays.clear()
-        self._direct.clear()
+        if self._catalog is not None:
+            self._catalog.forget()
+        self._opened.clear()
 
     def __reduce__(self):
         # Only the URL and options travel: zarr stores and fsspec sessions do not pickle
@@ -158,65 +161,57 @@ class ActivationStore:
     def __repr__(self) -> str:
         return f"ActivationStore({self.url!r})"
 
-    # -- store-level metadata -----------------------------------------------------------
+    def writer(self, model: str, layer: str, **kw: Any):
+        """A :class:`~repscope.store.writer.UnitWriter` for unit (model, layer).
 
-    def _meta(self) -> dict:
-        return dict(self._root().attrs.get(layout.ROOT_ATTR, {}))
+        Use it as a context manager: append (batch_rows, features) batches inside the
+        block; the unit becomes visible when the block exits normally, and an exception
+        discards it. ``kw``: features, dtype, rows, row_ids, chunk_bytes, shard_bytes,
+        overwrite (see UnitWriter).
+        """
+        from repscope.store.writer import UnitWriter
+
+        return UnitWriter(self, model, layer, **kw)
+
+    # -- rows ----------------------------------------------------------------------------
 
     @property
     def n_rows(self) -> int | None:
         """Rows shared by all units; None while the store is empty."""
-        return self._meta().get("n_rows")
+        rows = self.catalog.rows()
+        return None if rows is None else rows.n_rows
 
     @property
     def row_fingerprint(self) -> str | None:
         """Hex digest of the row set (ids if given, else row count and example map)."""
-        return self._meta().get("row_fingerprint")
-
-    def _rows_array(self, path: str) -> np.ndarray | None:
-        with self._errors():
-            try:
-                arr = zarr.open_array(self._store(), path=path, mode="r")
-            except FileNotFoundError:
-                return None
-            return np.asarray(arr[...])
+        rows = self.catalog.rows()
+        return None if rows is None else rows.row_fingerprint
 
     def row_ids(self) -> np.ndarray | None:
         """Row ids given at ingest: (rows,) for 2-D ingests, (examples,) for 3-D; or None."""
-        if not self._meta().get("row_ids"):
+        rows = self.catalog.rows()
+        if rows is None or not rows.row_ids:
             return None
-        ids = self._rows_array(layout.ROW_IDS)
+        ids = self.catalog.row_array(layout.ROW_IDS)
         if ids is not None and ids.dtype.kind in "TO":
             ids = np.array(ids.tolist(), dtype=str)  # numpy StringDType -> plain str array
         return ids
 
     def example_index(self) -> np.ndarray | None:
         """(rows,) int64 map from token row to example, for stores ingested from 3-D input."""
-        return self._rows_array(layout.ROW_EXAMPLE) if self._meta().get("example_map") else None
+        rows = self.catalog.rows()
+        return self.catalog.row_array(layout.ROW_EXAMPLE) if rows and rows.example_map else None
 
     def padding_mask(self) -> np.ndarray | None:
         """(examples, tokens) bool, True where a token was padding (and not stored)."""
-        return self._rows_array(layout.ROW_MASK) if self._meta().get("padding_mask") else None
+        rows = self.catalog.rows()
+        return self.catalog.row_array(layout.ROW_MASK) if rows and rows.padding_mask else None
 
-    # -- units --------------------------------------------------------------------------
-
-    def _unit_arrays(self) -> dict[tuple[str, str], Any]:
-        """Every unit array, complete or not, keyed by (model, layer)."""
-        with self._errors():
-            try:
-                units = zarr.open_group(self._store(), path=layout.UNITS, mode="r")
-            except FileNotFoundError:
-                return {}
-            found = {}
-            for path, node in units.members(max_depth=1):
-                parts = path.split("/")
-                if len(parts) == 2 and isinstance(node, zarr.Array):
-                    found[(parts[0], parts[1])] = node
-            return found
+    # -- units ---------------------------------------------------------------------------
 
     def units(self) -> list[tuple[str, str]]:
         """(model, layer) of every complete unit: models, then layers, in natural order."""
-        done = [key for key, arr in self._unit_arrays().items() if arr.attrs.get("complete")]
+        done = [(e.model, e.layer) for e in self.catalog.units()]
         return sorted(
             done, key=lambda key: (layout.natural_key(key[0]), layout.natural_key(key[1]))
         )
@@ -232,38 +227,82 @@ class ActivationStore:
         if not layers:
             models = layout.natural_sorted({m for m, _ in units})
             raise NotFoundError(
-                f"model {model!r} not in store {self.url}{_close_matches(model, models)}"
+                f"model {shown(model)} not in store {self.url}{_close_matches(model, models)}"
             )
         return layers
 
-    def _array(self, model: str, layer: str) -> Any:
-        """The complete array of a unit (cached), or NotFoundError naming model and layer."""
-        key = (model, layer)
-        if key in self._arrays:
-            return self._arrays[key]
-        with self._errors():
-            try:
-                arr = zarr.open_array(self._store(), path=layout.unit_path(model, layer), mode="r")
-            except FileNotFoundError:
-                arr = None
-        if arr is None or not arr.attrs.get("complete"):
-            layers = self.layers(model)  # an unknown model gets its own message
-            state = (
-                "is incomplete (interrupted ingest; ingest it again)"
-                if arr is not None
-                else "not found"
-            )
-            hint = _close_matches(layer, layers) if arr is None else ""
-            raise NotFoundError(
-                f"layer {layer!r} of model {model!r} {state} in store {self.url}{hint}"
-            )
-        self._arrays[key] = arr
-        self._direct[key] = shard_layout(arr)
-        return arr
+    def _entry(self, model: str, layer: str) -> UnitEntry:
+        """The unit's resolved entry, or NotFoundError naming model and layer."""
+        found = self.catalog.entry(model, layer)
+        if isinstance(found, UnitEntry):
+            return found
+        layers = self.layers(model)  # an unknown model gets its own message
+        if found == "incomplete":
+            state, hint = "is incomplete (interrupted ingest; ingest it again)", ""
+        else:
+            state, hint = "not found", _close_matches(layer, layers)
+        raise NotFoundError(
+            f"layer {shown(layer)} of model {shown(model)} {state} in store {self.url}{hint}"
+        )
 
-    def unit_info(self, model: str, layer: str) -> UnitInfo:
-        """Shape, dtypes, chunking and content fingerprint of one unit."""
-        arr = self._array(model, layer)
+    def _open(self, model: str, layer: str, version: str | None) -> _Opened:
+        """The array of ``version`` of a unit (default: the resolved current one), opened once."""
+        entry = self._entry(model, layer) if version is None else self._pinned(
+            model, layer, version)
+        opened = self._opened.get(entry.path)
+        if opened is None:
+            import zarr
+
+            what = f"store {self.url}, model {model!r}, layer {layer!r}, version {entry.version}"
+            with self._errors():
+                try:
+                    array = zarr.open_array(self.catalog.zstore, path=entry.path, mode="r")
+                except FileNotFoundError:
+                    array = None
+                except (ValueError, TypeError, KeyError) as exc:  # unreadable zarr.json
+                    detail = " ".join(str(exc).split())[:200]
+                    raise IntegrityError(f"{what}: its array metadata is damaged: {detail}"
+                                         ) from None
+            if array is None or array.attrs.get("complete") is not True:
+                current = self.catalog.entry(model, layer, fresh=True)
+                if version is not None or (
+                    isinstance(current, UnitEntry) and current.version != entry.version
+                ):
+                    raise self._gone(model, layer, entry.version)
+                raise IntegrityError(f"{what}: the current version's array is missing")
+            if len(array.shape) != 2:
+                raise IntegrityError(f"{what}: array of shape {array.shape} is not 2-D")
+            direct = shard_layout(array, dense=self.catalog.format >= 2)
+            opened = _Opened(entry, array, direct)
+            self._opened[entry.path] = opened
+        return opened
+
+    def _pinned(self, model: str, layer: str, version: str) -> UnitEntry:
+        """The entry of a version a reader pinned, whether or not it is still current."""
+        if not isinstance(version, str) or not version:
+            raise InputError(f"model {model!r}, layer {layer!r}: version must be a non-empty "
+                             f"string from UnitInfo.version, got {shown(version)}")
+        if self.catalog.format == 1:
+            entry = self._entry(model, layer)
+            if entry.version != version:
+                raise self._gone(model, layer, version)
+            return entry
+        if "/" in version or version.startswith("."):
+            raise self._gone(model, layer, version)
+        return UnitEntry(model, layer, version, layout.version_path(model, layer, version))
+
+    def _gone(self, model: str, layer: str, version: str) -> UnitChangedError:
+        return UnitChangedError(
+            f"model {model!r}, layer {layer!r}: version {version[:60]} is no longer in store "
+            f"{self.url} (the unit was ingested again and the old version removed); run the "
+            "job again to read the current version"
+        )
+
+    def unit_info(self, model: str, layer: str, *, version: str | None = None) -> UnitInfo:
+        """Shape, dtypes, chunking, fingerprint and version of a unit (its resolved current
+        version, or ``version``)."""
+        opened = self._open(model, layer, version)
+        arr = opened.array
         rows, features = arr.shape
         shards = arr.shards or arr.chunks
         return UnitInfo(
@@ -277,128 +316,64 @@ class ActivationStore:
             shard_rows=int(shards[0]),
             nbytes=int(rows * features * arr.dtype.itemsize),
             fingerprint=str(arr.attrs.get("fingerprint", "")),
+            version=opened.entry.version,
         )
 
-    def read(self, model: str, layer: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def read(
+        self,
+        model: str,
+        layer: str,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        version: str | None = None,
+    ) -> np.ndarray:
         """Rows ``start:stop`` of a unit: ndarray of shape (stop - start, features), storage dtype.
 
-        Reads only the chunks that hold those rows; read whole shards for best throughput.
+        ``version`` (from :attr:`UnitInfo.version`): read exactly that version, or raise
+        :class:`~repscope.errors.UnitChangedError` if it is gone. Without it, the version
+        this object resolved first. Every chunk is checked: a missing or damaged one raises
+        :class:`~repscope.errors.IntegrityError` naming the unit, shard and rows. Reads only
+        the chunks that hold those rows; read whole shards for best throughput.
         """
-        arr = self._array(model, layer)
-        rows = arr.shape[0]
+        opened = self._open(model, layer, version)
+        rows = opened.array.shape[0]
         stop = rows if stop is None else stop
         if not (0 <= start <= stop <= rows):
             raise InputError(
                 f"model {model!r}, layer {layer!r}: rows {start}:{stop} out of range 0:{rows}"
             )
-        with self._errors():
-            try:
-                direct = self._direct.get((model, layer))
-                if direct is not None:
+        what = f"store {self.url}, model {model!r}, layer {layer!r}"
+        if self.catalog.format >= 2:
+            what += f" (version {opened.entry.version})"
+        try:
+            with self._errors():
+                direct = opened.direct
+                if direct is not None and direct.directory is not None:
                     return read_rows(direct, start, stop)
-                return np.asarray(arr[start:stop])
-            except (ValueError, RuntimeError) as exc:
-                # Codec failures (a checksum mismatch, a truncated shard) mean a corrupt chunk.
-                raise StorageError(
-                    f"corrupt data in store {self.url}, model {model!r}, layer {layer!r}, "
-                    f"rows {start}:{stop}: {type(exc).__name__}: {exc}"
-                ) from None
+                if direct is not None:
+                    return read_rows_remote(direct, self.catalog.zstore, opened.entry.path,
+                                            start, stop)
+                return np.asarray(opened.array[start:stop])
+        except ShardError as exc:
+            if self.catalog.format >= 2 and not self.catalog.version_exists(opened.entry.path):
+                self._opened.pop(opened.entry.path, None)
+                raise self._gone(model, layer, opened.entry.version) from None
+            kind = "missing data" if exc.missing else "corrupt data"
+            raise IntegrityError(f"{kind} in {what}, {exc}") from None
+        except (ValueError, RuntimeError) as exc:
+            # Zarr's codecs (layouts repscope does not write) fail this way on damaged chunks.
+            raise IntegrityError(
+                f"corrupt data in {what}, rows {start}:{stop}: {type(exc).__name__}: {exc}"
+            ) from None
 
-    # -- row bookkeeping for writers ----------------------------------------------------
+    def prune(self, grace_s: float | None = None) -> int:
+        """Remove versions that a later ingest replaced at least ``grace_s`` seconds ago
+        (default :data:`~repscope.store.layout.SUPERSEDED_GRACE_S`, 24 hours).
 
-    def _other_units(self, model: str, layer: str) -> list[tuple[str, str]]:
-        return [u for u in self.units() if u != (model, layer)]
-
-    def _check_rows(self, rows: RowSet, model: str, layer: str, ctx: str) -> bool:
-        """Refuse rows that differ from the store's; True if the store's rows are already set.
-
-        Rows are set by the first complete unit; while no other unit is complete (empty
-        store, or overwriting the only unit) a writer may (re)define them.
+        Each new version of a unit already prunes that unit's old versions; this sweeps every
+        unit. Returns the number of versions removed. A job still reading one of them fails
+        with UnitChangedError (it does not read wrong data).
         """
-        self._root_group = None  # other writers may have committed rows since we opened
-        if not self._other_units(model, layer):
-            return False
-        meta = self._meta()
-        if meta.get("n_rows") != rows.n_rows:
-            raise InputError(
-                f"{ctx}: {rows.n_rows} rows, but the store's units have {meta.get('n_rows')} "
-                "rows; every unit of a store must have the same rows in the same order"
-            )
-        if rows.ids is not None:
-            stored = self.row_ids()
-            if stored is None:
-                raise InputError(
-                    f"{ctx}: row_ids given, but the store's units were ingested without row ids; "
-                    "ingest without row_ids or into a new store"
-                )
-            if meta.get("row_ids_level", "row") != rows.ids_level or layout.canonical_ids(
-                stored
-            ) != layout.canonical_ids(rows.ids):
-                diff = _first_difference(stored, rows.ids)
-                raise InputError(f"{ctx}: row_ids differ from the store's {diff}")
-        if rows.example is not None:
-            stored_map = self.example_index()
-            if stored_map is None:
-                raise InputError(
-                    f"{ctx}: token (3-D) input, but the store's rows are not token rows of "
-                    "examples; ingest 2-D (rows, features) arrays into this store"
-                )
-            same_mask = (rows.mask is None) == (self.padding_mask() is None) and (
-                rows.mask is None or np.array_equal(self.padding_mask(), rows.mask)
-            )
-            if not np.array_equal(stored_map, rows.example) or not same_mask:
-                raise InputError(
-                    f"{ctx}: token layout (example map or padding mask) differs from the "
-                    "store's; every unit must have the same examples and tokens"
-                )
-        return True
-
-    def _commit_rows(self, rows: RowSet) -> None:
-        """Write the row arrays and the row metadata (first complete unit only)."""
-        root = self._root()
-        with self._errors():
-            if "rows" in root:
-                del root["rows"]
-            store = self._store()
-            if rows.ids is not None:
-                ids = rows.ids
-                if ids.dtype.kind in "iu":
-                    zarr.create_array(store, name=layout.ROW_IDS, data=ids, overwrite=True)
-                else:
-                    # Variable-length UTF-8: the string dtype with a Zarr v3 extension spec
-                    # (fixed-width numpy unicode has none).
-                    arr = zarr.create_array(
-                        store, name=layout.ROW_IDS, shape=ids.shape, dtype=str, overwrite=True
-                    )
-                    arr[:] = ids.astype(str)
-            if rows.example is not None:
-                zarr.create_array(
-                    store,
-                    name=layout.ROW_EXAMPLE,
-                    data=rows.example.astype("<i8"),
-                    overwrite=True,
-                )
-            if rows.mask is not None:
-                zarr.create_array(store, name=layout.ROW_MASK, data=rows.mask, overwrite=True)
-            meta = {
-                "format": layout.FORMAT,
-                "n_rows": int(rows.n_rows),
-                "row_fingerprint": rows.fingerprint,
-                "row_ids": rows.ids is not None,
-                "row_ids_level": rows.ids_level,
-                "example_map": rows.example is not None,
-                "padding_mask": rows.mask is not None,
-            }
-            root.update_attributes({layout.ROOT_ATTR: meta})
-
-    def _forget(self, model: str, layer: str) -> None:
-        self._arrays.pop((model, layer), None)
-        self._direct.pop((model, layer), None)
-
-
-def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
-    if a.shape != b.shape:
-        return f"({a.shape[0]} stored, {b.shape[0]} given)"
-    sa, sb = a.astype(str), b.astype(str)
-    i = int(np.argmax(sa != sb))
-    return f"(first difference at index {i}: stored {str(sa[i])!r}, given {str(sb[i])!r})"
+        self.catalog.check_writable(f"store {self.url}")
+        return self.catalog.prune(grace_s)

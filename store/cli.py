@@ -14,8 +14,10 @@ from typing import Any
 
 from repscope.errors import InputError
 from repscope.store.activation_store import ActivationStore
+from repscope.store.hints import cli_spelling
 from repscope.store.ingest import ingest_path
 from repscope.store.layout import STORAGE_DTYPES, format_bytes
+from repscope.store.urls import redact, scheme_of
 
 
 def register(subparsers: Any) -> None:
@@ -34,7 +36,14 @@ def register(subparsers: Any) -> None:
     ingest.add_argument(
         "--dtype", choices=STORAGE_DTYPES, default="float32", help="storage dtype (default float32)"
     )
-    ingest.add_argument("--overwrite", action="store_true", help="replace existing units")
+    again = ingest.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace existing units")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted ingest: keep units whose content equals the source's, "
+        "ingest the rest (a unit that differs is refused)",
+    )
     storage_option_arg(ingest)
     ingest.set_defaults(func=_ingest)
 
@@ -91,22 +100,36 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def refuse_memory_url(url: str, command: str) -> None:
+    """memory:// lives inside one process: a command would write or read nothing that lasts."""
+    if scheme_of(url) == "memory":
+        effect = "lose the data when it exits" if command == "ingest" else "find it empty"
+        raise InputError(
+            f"{redact(url)[:200]}: a memory:// store exists only inside one Python process, "
+            f"so 'repscope {command}' would {effect}; use a path or an s3:// URL "
+            "(memory:// works from the Python API)"
+        )
+
+
 def _ingest(args: argparse.Namespace) -> int:
+    refuse_memory_url(args.store, "ingest")
     options = parse_storage_options(args.storage_option)
-    store = ActivationStore.create(args.store, options or None)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    infos = ingest_path(
-        store,
-        args.model,
-        args.source,
-        layer=args.layer,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        progress=progress,
-    )
+    with cli_spelling():
+        store = ActivationStore.create(args.store, options or None)
+        infos = ingest_path(
+            store,
+            args.model,
+            args.source,
+            layer=args.layer,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            progress=progress,
+        )
     for info in infos:
         converted = "" if info.source_dtype == info.dtype else f" (from {info.source_dtype})"
         print(
@@ -119,18 +142,21 @@ def _ingest(args: argparse.Namespace) -> int:
 def describe(store: ActivationStore) -> dict:
     """A JSON-ready description of a store (what ``inspect --json`` prints)."""
     units = [asdict(store.unit_info(m, layer)) for m, layer in store.units()]
+    rows = store.catalog.rows()
     return {
         "store": store.url,
+        "format": store.format,
         "rows": store.n_rows,
         "row_fingerprint": store.row_fingerprint,
-        "row_ids": store._meta().get("row_ids", False),
-        "example_map": store._meta().get("example_map", False),
+        "row_ids": bool(rows and rows.row_ids),
+        "example_map": bool(rows and rows.example_map),
         "models": store.models(),
         "units": units,
     }
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    refuse_memory_url(args.store, "inspect")
     options = parse_storage_options(args.storage_option)
     store = ActivationStore.open(args.store, options or None)
     info = describe(store)

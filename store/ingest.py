@@ -16,7 +16,9 @@ import numpy as np
 
 from repscope.errors import InputError, NotFoundError
 from repscope.store import layout
-from repscope.store.activation_store import ActivationStore, RowSet, UnitInfo
+from repscope.store.activation_store import ActivationStore, UnitInfo
+from repscope.store.hints import setting
+from repscope.store.rows import RowSet
 from repscope.store.sources import as_source
 from repscope.store.validate import (
     check_name,
@@ -25,6 +27,7 @@ from repscope.store.validate import (
     check_row_ids,
     check_source_dtype,
     check_storage_dtype,
+    convert_block,
     where,
 )
 from repscope.store.writer import UnitWriter
@@ -61,35 +64,7 @@ def ingest_array(
     ctx = where(check_name("model", model), check_name("layer", layer), _source)
     storage = check_storage_dtype(dtype)
     layout.check_sizes(chunk_bytes, shard_bytes)
-    src = as_source(array)
-    check_source_dtype(src.dtype, ctx)
-    check_ndim(src.shape, ctx)
-
-    if len(src.shape) == 2:
-        rows = RowSet(
-            n_rows=src.shape[0],
-            ids=None if row_ids is None else check_row_ids(row_ids, src.shape[0], "rows", ctx),
-        )
-        if padding_mask is not None:
-            raise InputError(f"{ctx}: padding_mask applies to 3-D (examples, tokens, ...) input")
-        keep = None
-    else:
-        examples, tokens, _ = src.shape
-        mask = (
-            None
-            if padding_mask is None
-            else check_padding_mask(padding_mask, examples, tokens, ctx)
-        )
-        keep = np.ones((examples, tokens), bool) if mask is None else ~mask
-        per_example = keep.sum(axis=1)
-        rows = RowSet(
-            n_rows=int(per_example.sum()),
-            ids=None if row_ids is None else check_row_ids(row_ids, examples, "examples", ctx),
-            ids_level="example",
-            example=np.repeat(np.arange(examples, dtype=np.int64), per_example),
-            mask=mask,
-        )
-
+    src, rows, keep = _prepare(array, row_ids, padding_mask, ctx)
     writer = UnitWriter(
         store,
         model,
@@ -103,17 +78,64 @@ def ingest_array(
         _source=_source,
     )
     try:
-        if keep is None:
-            _append_rows(writer, src, min(_BLOCK_BYTES, shard_bytes))
-        else:
-            _append_tokens(writer, src, keep, min(_BLOCK_BYTES, shard_bytes))
+        _feed(writer, src, keep, min(_BLOCK_BYTES, shard_bytes))
         return writer.close()
     except BaseException:
         writer.abort()
         raise
 
 
-def _append_rows(writer: UnitWriter, src, block_bytes: int) -> None:
+def _prepare(array: Any, row_ids: Any, padding_mask: Any, ctx: str):
+    """(source, row set, kept tokens or None) of an ingest, checked before anything is read."""
+    src = as_source(array)
+    check_source_dtype(src.dtype, ctx)
+    check_ndim(src.shape, ctx)
+    if len(src.shape) == 2:
+        if padding_mask is not None:
+            raise InputError(f"{ctx}: padding_mask applies to 3-D (examples, tokens, ...) input")
+        rows = RowSet(
+            n_rows=src.shape[0],
+            ids=None if row_ids is None else check_row_ids(row_ids, src.shape[0], "rows", ctx),
+        )
+        return src, rows, None
+    examples, tokens, _ = src.shape
+    mask = None if padding_mask is None else check_padding_mask(padding_mask, examples, tokens, ctx)
+    keep = np.ones((examples, tokens), bool) if mask is None else ~mask
+    per_example = keep.sum(axis=1)
+    rows = RowSet(
+        n_rows=int(per_example.sum()),
+        ids=None if row_ids is None else check_row_ids(row_ids, examples, "examples", ctx),
+        ids_level="example",
+        example=np.repeat(np.arange(examples, dtype=np.int64), per_example),
+        mask=mask,
+    )
+    return src, rows, keep
+
+
+def _feed(sink, src, keep: np.ndarray | None, block_bytes: int) -> None:
+    """Append a source to ``sink`` (a UnitWriter or a _Fingerprint) block by block."""
+    if keep is None:
+        _append_rows(sink, src, block_bytes)
+    else:
+        _append_tokens(sink, src, keep, block_bytes)
+
+
+class _Fingerprint:
+    """What a UnitWriter would store, hashed instead of written: the unit fingerprint an
+    ingest of the same source would get (to compare with a stored unit)."""
+
+    def __init__(self, dtype: str, features: int, ctx: str) -> None:
+        self._dtype, self._ctx = dtype, ctx
+        self._hash = layout.ContentHash(dtype, features)
+
+    def append(self, block: np.ndarray, *, _describe: Callable[[int], str]) -> None:
+        self._hash.update(convert_block(np.asarray(block), self._dtype, self._ctx, _describe))
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _append_rows(writer, src, block_bytes: int) -> None:
     """Feed a (rows, features) source in blocks of about ``block_bytes``."""
     rows, features = src.shape
     step = max(1, block_bytes // max(1, features * src.dtype.itemsize))
@@ -122,7 +144,7 @@ def _append_rows(writer: UnitWriter, src, block_bytes: int) -> None:
         writer.append(block, _describe=lambda i, s=start: f"row {s + i}")
 
 
-def _append_tokens(writer: UnitWriter, src, keep: np.ndarray, block_bytes: int) -> None:
+def _append_tokens(writer, src, keep: np.ndarray, block_bytes: int) -> None:
     """Feed an (examples, tokens, features) source as token rows, dropping padded tokens."""
     examples, tokens, features = src.shape
     step = max(1, block_bytes // max(1, tokens * features * src.dtype.itemsize))
@@ -174,7 +196,7 @@ def _sources(model: str, path: Path, layer: str | None) -> list[tuple[str, Path,
         if layer is None:
             raise InputError(
                 f"{where(model)} (file {path}): a .npy file holds one layer; name it with "
-                "--layer (layer=...)"
+                f"{setting('layer')}"
             )
         return [(layer, path, None)]
     if suffix == ".npz":
@@ -234,6 +256,7 @@ def ingest_path(
     *,
     layer: str | None = None,
     progress: Callable[[str], None] | None = None,
+    resume: bool = False,
     **kw: Any,
 ) -> list[UnitInfo]:
     """Ingest the layers of a file or directory as units of ``model``.
@@ -243,10 +266,21 @@ def ingest_path(
     goes to :func:`ingest_array` (dtype, row_ids, padding_mask, chunk_bytes, shard_bytes,
     overwrite). All headers, names, dtypes, row counts and existing units are checked before
     the first layer is written; ``progress`` receives one line per layer.
+
+    ``resume``: finish an interrupted ingest of the same source. Units already in the store
+    are kept if their content equals what this source would store (each such source is
+    read once to compare) and refused, naming them, if it differs; the rest are ingested.
+    Returns the UnitInfo of every layer, kept ones included.
     """
     check_name("model", model)
     if layer is not None:
         check_name("layer", layer)
+    overwrite = bool(kw.get("overwrite", False))
+    if resume and overwrite:
+        raise InputError(
+            f"{where(model)}: {setting('resume')} keeps units that match the source and "
+            f"{setting('overwrite')} replaces them; choose one"
+        )
     path = Path(source).expanduser()
     items = _sources(model, path, layer)
 
@@ -259,10 +293,11 @@ def ingest_path(
         shape, dtype = _header(model, name, file, key)
         check_source_dtype(np.dtype(dtype), ctx)
         check_ndim(shape, ctx)
-        if (model, name) in existing and not kw.get("overwrite", False):
+        if (model, name) in existing and not overwrite and not resume:
             raise InputError(
-                f"{ctx}: unit already exists in store {store.url}; pass --overwrite "
-                "(overwrite=True) to replace it"
+                f"{ctx}: unit already exists in store {store.url}; pass "
+                f"{setting('overwrite')} to replace it, or {setting('resume')} to finish an "
+                "interrupted ingest (units that match the source are kept)"
             )
         rows = shape[0] if len(shape) == 2 else shape[0] * shape[1]
         if kw.get("padding_mask") is None and len(shape) == 3 or len(shape) == 2:
@@ -279,12 +314,52 @@ def ingest_path(
                     "every unit of a store must have the same rows in the same order"
                 )
 
+    kept: dict[str, UnitInfo] = {}
+    if resume:
+        # Every kept unit is compared before anything is written: a differing one stops
+        # the resume with nothing changed.
+        for name, file, key in items:
+            if (model, name) in existing:
+                ctx = where(model, name, file)
+                if progress is not None:
+                    progress(f"comparing {model}/{name} with {_what(file, key)}")
+                kept[name] = _matching_unit(store, model, name, _load(file, key, ctx), ctx, kw)
+
     infos = []
     for name, file, key in items:
+        if name in kept:
+            if progress is not None:
+                progress(f"keeping {model}/{name}: already in the store with the same content")
+            infos.append(kept[name])
+            continue
         ctx = where(model, name, file)
         if progress is not None:
-            what = f"{file}[{key}]" if key is not None else str(file)
-            progress(f"ingesting {model}/{name} from {what}")
+            progress(f"ingesting {model}/{name} from {_what(file, key)}")
         array = _load(file, key, ctx)
         infos.append(ingest_array(store, model, name, array, _source=file, **kw))
     return infos
+
+
+def _what(file: Path, key: str | None) -> str:
+    return f"{file}[{key}]" if key is not None else str(file)
+
+
+def _matching_unit(
+    store: ActivationStore, model: str, layer: str, array: Any, ctx: str, kw: dict
+) -> UnitInfo:
+    """The stored unit's info if it holds exactly what ingesting ``array`` would store."""
+    info = store.unit_info(model, layer)
+    storage = check_storage_dtype(kw.get("dtype", "float32"))
+    src, rows, keep = _prepare(array, kw.get("row_ids"), kw.get("padding_mask"), ctx)
+    same = (info.dtype, info.rows, info.features) == (storage, rows.n_rows, src.shape[-1])
+    if same:
+        fingerprint = _Fingerprint(storage, src.shape[-1], ctx)
+        _feed(fingerprint, src, keep, _BLOCK_BYTES)
+        same = fingerprint.hexdigest() == info.fingerprint
+    if not same:
+        raise InputError(
+            f"{ctx}: the unit in store {store.url} ({info.rows} x {info.features} "
+            f"{info.dtype}) differs from this source; nothing was written. Pass "
+            f"{setting('overwrite')} to replace it"
+        )
+    return info

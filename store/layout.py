@@ -1,14 +1,20 @@
 """The on-disk layout of a store: paths, attribute names, chunk and shard sizing, fingerprints.
 
 Everything another program needs to write a store without our code is here and in
-docs/store.md:
+docs/store.md (format 2):
 
-- the root is a Zarr v3 group with attribute ``repscope`` = ``{"format": 1, "n_rows": ...,
-  "row_fingerprint": ..., "row_ids": ..., "example_map": ...}``;
-- unit ``(model, layer)`` is the array ``units/<model>/<layer>`` of shape (rows, features),
-  chunked along rows only, sharded, with attributes ``complete``, ``source_dtype`` and
-  ``fingerprint``; readers ignore arrays whose ``complete`` is not ``true``;
-- ``rows/ids``, ``rows/example`` and ``rows/mask`` describe the rows, stored once.
+- the root is a Zarr v3 group with attribute ``repscope`` = ``{"format": 2}``;
+- ``rows/`` is a group whose attribute ``repscope_rows`` records the rows every unit shares
+  (count, fingerprint, digests of ids and token layout), with arrays ``rows/ids``,
+  ``rows/example`` and ``rows/mask``;
+- unit ``(model, layer)`` is the group ``units/<model>/<layer>``; its attribute
+  ``repscope_unit`` names the current *version*, an immutable array
+  ``units/<model>/<layer>/<version>`` of shape (rows, features), chunked along rows only,
+  sharded, every chunk written and checksummed (CRC32C). A new ingest writes a new version
+  and switches the name; readers resolve a version once and read only it.
+
+Format 1 (read only): units were the arrays ``units/<model>/<layer>`` themselves, rows were
+recorded in the root attribute.
 """
 
 from __future__ import annotations
@@ -19,12 +25,24 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = 1
+FORMAT = 2  # what this version writes
+READ_FORMATS = (1, 2)  # what it reads
 ROOT_ATTR = "repscope"
+ROWS_ATTR = "repscope_rows"
+UNIT_ATTR = "repscope_unit"
 UNITS = "units"
+ROWS = "rows"
 ROW_IDS = "rows/ids"
 ROW_EXAMPLE = "rows/example"
 ROW_MASK = "rows/mask"
+# Model and layer names become folder and object names: file systems allow 255 bytes per
+# name, and a margin keeps room for the temporary names writers use.
+MAX_NAME_BYTES = 200
+# A version replaced by a new ingest stays readable this long, so that jobs that pinned it
+# (they resolve every unit once, at planning) normally finish; see docs/store.md.
+SUPERSEDED_GRACE_S = 24 * 3600
+# Fingerprint schemes (not the store format: fingerprints of format-1 units stay valid).
+_HASH_VERSION = 1
 
 STORAGE_DTYPES = ("float32", "float16")
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -32,8 +50,29 @@ DEFAULT_SHARD_BYTES = 256 << 20
 
 
 def unit_path(model: str, layer: str) -> str:
-    """Path of a unit's array inside the store group."""
+    """Path of a unit inside the store: its group (format 2) or its array (format 1)."""
     return f"{UNITS}/{model}/{layer}"
+
+
+def version_path(model: str, layer: str, version: str) -> str:
+    """Path of one version's array (format 2)."""
+    return f"{UNITS}/{model}/{layer}/{version}"
+
+
+_VERSION_NAME = re.compile(r"v\d{8}T\d{6}Z-[0-9a-f]{8}")
+
+
+def is_version(name: str) -> bool:
+    """True for names that :func:`new_version` makes (only those are ever removed)."""
+    return _VERSION_NAME.fullmatch(name) is not None
+
+
+def new_version(now: float) -> str:
+    """A fresh version name: UTC time of creation (sortable) and random bits (unique)."""
+    import secrets
+    import time
+
+    return time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(4)
 
 
 def natural_key(name: str) -> tuple:
@@ -105,7 +144,7 @@ def row_fingerprint(
     fingerprint can only say "same number of rows (and same token layout)".
     """
     h = _digest()
-    h.update(f"repscope-rows-v{FORMAT}\nn={int(n_rows)}\n".encode())
+    h.update(f"repscope-rows-v{_HASH_VERSION}\nn={int(n_rows)}\n".encode())
     for tag, arr in (("ids", ids), ("example", example), ("mask", mask)):
         if arr is None:
             continue
@@ -119,6 +158,25 @@ def row_fingerprint(
     return h.hexdigest()
 
 
+def ids_digest(ids: np.ndarray, level: str) -> str:
+    """Hex digest of row ids (independent of integer width or string dtype) and their level."""
+    h = _digest()
+    h.update(f"repscope-ids-v{_HASH_VERSION}\n{level}\n{ids.shape[0]}\n".encode())
+    h.update(canonical_ids(np.asarray(ids)))
+    return h.hexdigest()
+
+
+def tokens_digest(example: np.ndarray, mask: np.ndarray | None) -> str:
+    """Hex digest of a token layout: the row -> example map and the padding mask."""
+    h = _digest()
+    h.update(f"repscope-tokens-v{_HASH_VERSION}\n{example.shape}\n".encode())
+    h.update(np.ascontiguousarray(example, dtype="<i8").tobytes())
+    if mask is not None:
+        h.update(f"mask:{mask.shape}\n".encode())
+        h.update(np.packbits(np.asarray(mask, dtype=bool)).tobytes())
+    return h.hexdigest()
+
+
 class ContentHash:
     """Streaming hash of a unit's stored data, fed shard by shard in row order.
 
@@ -128,7 +186,7 @@ class ContentHash:
 
     def __init__(self, dtype: str, features: int) -> None:
         self._h = _digest()
-        self._h.update(f"repscope-unit-v{FORMAT}\n{dtype}\n{features}\n".encode())
+        self._h.update(f"repscope-unit-v{_HASH_VERSION}\n{dtype}\n{features}\n".encode())
         self.rows = 0
 
     def update(self, block: np.ndarray) -> None:

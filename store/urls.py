@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,21 +37,44 @@ _SECRET_PARAM = re.compile(
     re.IGNORECASE,
 )
 _MASK = "***"
+# Backend messages echoed in errors are cut to this many characters (after redaction).
+_MAX_DETAIL = 300
 
 
 def redact(text_or_url: str, secrets: Iterable[str] = ()) -> str:
     """``text_or_url`` with credentials replaced by ``***``.
 
     Removes ``user:password@`` from URLs, the values of secret-bearing query parameters
-    (``X-Amz-*``, ``sig``, ``key=``, ``token=``...) and every string in ``secrets`` (pass the
-    values of the storage options, so that a backend message that echoes one is cleaned too).
+    (``X-Amz-*``, ``sig``, ``key=``, ``token=``...), the user and password of such URLs
+    wherever else they recur in the text, and every string in ``secrets`` (pass
+    :func:`secrets_of` the URL and storage options, so that a backend message that echoes
+    one is cleaned too).
     """
+    # Shorter strings would mask parts of ordinary words.
+    masked = {s for s in [*secrets, *userinfo_parts(str(text_or_url))] if len(s) >= 3}
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{_MASK}@", str(text_or_url))
     text = _SECRET_PARAM.sub(lambda m: f"{m['name']}{_MASK}", text)
     # Longest first, so that a secret containing another is masked whole.
-    for secret in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
+    for secret in sorted(masked, key=len, reverse=True):
         text = text.replace(secret, _MASK)
     return text
+
+
+def userinfo_parts(url: str) -> list[str]:
+    """The user and password of every ``scheme://user:password@`` in ``url``, as written
+    and percent-decoded: a backend that does not understand them repeats them in its
+    messages (as part of a bucket name, say), so they are masked wherever they recur."""
+    parts = []
+    for match in re.finditer(r"[A-Za-z][A-Za-z0-9+.-]*://([^/@\s]*)@", str(url)):
+        for part in match.group(1).split(":", 1):
+            parts += [part, urllib.parse.unquote(part)]
+    return [p for p in parts if p]
+
+
+def secrets_of(url: str, storage_options: Any = None) -> list[str]:
+    """Everything to mask in messages about ``url`` (pass it to :func:`redact`):
+    storage-option values and the URL's user and password."""
+    return option_values(storage_options) + userinfo_parts(url)
 
 
 def option_values(options: Any) -> list[str]:
@@ -86,6 +110,11 @@ def open_zarr_store(url: str, storage_options: dict | None = None) -> Any:
     if not isinstance(url, str) or not url.strip():
         raise InputError(f"store URL must be a non-empty string, got {redact(repr(url))}")
     scheme = scheme_of(url)
+    if "::" in url:
+        raise InputError(
+            f"unsupported store URL {redact(url)[:200]}: chained fsspec URLs (a::b) are not "
+            "supported; give the store's own URL"
+        )
     if scheme == "file":
         if storage_options:
             raise InputError(
@@ -94,7 +123,16 @@ def open_zarr_store(url: str, storage_options: dict | None = None) -> Any:
         return LocalStore(local_path(url))
     if scheme not in _FSSPEC_SCHEMES:
         supported = "local paths, file://, memory://, s3://, gs://"
-        raise InputError(f"unsupported store URL {redact(url)}: supported are {supported}")
+        raise InputError(f"unsupported store URL {redact(url)[:200]}: supported are {supported}")
+    if _USERINFO.match(url):
+        # s3fs and gcsfs would take "user:password@bucket" for a bucket name.
+        raise InputError(
+            f"store URL {redact(url)[:200]}: credentials in the URL are not supported for "
+            f"{scheme}://; pass them as storage options (key, secret) or through the "
+            "backend's environment variables (AWS_ACCESS_KEY_ID, ...)"
+        )
+    if scheme != "memory" and not url.split("://", 1)[1].strip("/"):
+        raise InputError(f"store URL {redact(url)[:200]} names no bucket: use {scheme}://BUCKET/PATH")
     module, extra = _FSSPEC_SCHEMES[scheme]
     if module is not None and importlib.util.find_spec(module) is None:
         raise InputError(
@@ -126,6 +164,8 @@ def storage_errors(url: str, storage_options: dict | None = None) -> Iterator[No
     except Exception as exc:
         if not _is_backend_error(exc):
             raise
-        secrets = option_values(storage_options)
-        detail = redact(f"{type(exc).__name__}: {exc}", secrets)
+        secrets = secrets_of(url, storage_options)
+        detail = " ".join(redact(f"{type(exc).__name__}: {exc}", secrets).split())
+        if len(detail) > _MAX_DETAIL:
+            detail = detail[: _MAX_DETAIL - 3] + "..."
         raise StorageError(f"storage failure at {redact(url, secrets)}: {detail}") from None

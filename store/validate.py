@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from repscope.errors import InputError
-from repscope.store.layout import STORAGE_DTYPES
+from repscope.store.layout import MAX_NAME_BYTES, STORAGE_DTYPES
 
 # Largest finite value of each storage dtype: converting anything larger gives inf.
 _STORAGE_MAX = {name: float(np.finfo(name).max) for name in STORAGE_DTYPES}
@@ -29,14 +29,28 @@ def where(model: str, layer: str | None = None, source: object | None = None) ->
     return text
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: what messages echo of user values."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
 def check_name(kind: str, name: object) -> str:
     """Refuse model or layer names that are empty or would escape or confuse the store.
 
     Names become path segments (``units/<model>/<layer>``), so ``/``, ``\\``, ``..``, a leading
-    dot, control characters, Zarr's reserved ``__`` prefix and ``zarr.json`` are refused.
+    dot, control characters, Zarr's reserved ``__`` prefix, ``zarr.json`` and names longer
+    than ``MAX_NAME_BYTES`` bytes in UTF-8 (file systems allow 255 per name) are refused.
     """
     if not isinstance(name, str):
-        raise InputError(f"{kind} name must be a string, got {type(name).__name__} {name!r}")
+        raise InputError(f"{kind} name must be a string, got {type(name).__name__} {shown(name)}")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise InputError(
+            f"{kind} name {name[:40]!r}... is too long ({len(name)} characters, {size} bytes "
+            f"in UTF-8); at most {MAX_NAME_BYTES} bytes, since names become folder and object "
+            "names"
+        )
     problem = None
     if not name.strip():
         problem = "is empty"

@@ -1,10 +1,13 @@
 """UnitWriter: write one unit shard by shard, and publish it only when it is complete.
 
 How a unit becomes visible (the same on local disk, memory:// and s3://, which has no
-rename): the array is created at ``units/<model>/<layer>`` with attribute
-``complete: false``, shards are written, the row metadata is committed, and the attribute is
-set to ``true`` last. Readers list and read only complete units. An interrupted writer leaves
-an incomplete array that nobody reads and that the next ingest of that unit replaces.
+rename): the writer asks the store's catalog for a new *version* of the unit, writes the
+version's array ``units/<model>/<layer>/<version>`` shard by shard (every chunk, each with its
+CRC32C), marks the array complete, and asks the catalog to publish it: the store's rows are
+checked (or recorded, for the first unit) and the unit's current version is switched in one
+document write. Until then readers see the previous version, or no unit. An interrupted
+writer leaves an unfinished version that nobody reads and that the next ingest of that unit
+removes.
 
 Memory: one shard buffer (``shard_bytes``) in storage dtype, plus the batch being appended
 and the encoded shard while it is written; never the whole unit.
@@ -12,15 +15,18 @@ and the encoded shard while it is written; never the whole unit.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import zarr
 
 from repscope.errors import InputError
 from repscope.store import layout
-from repscope.store.activation_store import ActivationStore, RowSet, UnitInfo
+from repscope.store.activation_store import ActivationStore, UnitInfo
+from repscope.store.catalog import UnitEntry
+from repscope.store.hints import setting
+from repscope.store.rows import RowSet
 from repscope.store.validate import (
     check_name,
     check_row_ids,
@@ -31,15 +37,25 @@ from repscope.store.validate import (
 )
 
 
+class UnclosedWriterWarning(UserWarning):
+    """A UnitWriter was garbage-collected without close() or abort(): its unit stays invisible."""
+
+
 class UnitWriter:
     """Streaming writer of one unit (model, layer) of shape (rows, features).
 
     Append (batch_rows, features) batches from a training or evaluation loop, then
-    :meth:`close` to publish. Used as a context manager, an exception inside the block
-    discards everything written and the unit stays invisible (or absent).
+    :meth:`close` to publish (or :meth:`abort`). Best used as a context manager
+    (``with store.writer(model, layer) as w:``): the unit becomes visible when the block
+    exits normally, and an exception inside it discards everything written. A writer that
+    is dropped without close or abort warns (:class:`UnclosedWriterWarning`) and its unit
+    stays invisible.
 
     ``rows`` (optional) is the expected row count: it lets small units get one right-sized
     shard and is checked at close. ``row_ids`` (optional, one per row) identify the rows.
+    ``overwrite`` replaces an existing unit: readers keep reading the old version until the
+    new one is published, and jobs that pinned it keep it for
+    :data:`~repscope.store.layout.SUPERSEDED_GRACE_S` seconds.
     """
 
     def __init__(
@@ -57,7 +73,9 @@ class UnitWriter:
         row_ids: Any = None,
         _row_set: RowSet | None = None,
         _source: object | None = None,
+        _source_dtype: str | None = None,
     ) -> None:
+        self._done = True  # until set up: nothing to warn about if the checks below fail
         self.model = check_name("model", model)
         self.layer = check_name("layer", layer)
         self._ctx = where(model, layer, _source)
@@ -68,6 +86,7 @@ class UnitWriter:
         if rows is not None and (isinstance(rows, bool) or int(rows) <= 0):
             raise InputError(f"{self._ctx}: rows must be a positive integer, got {rows!r}")
         self._store = store
+        self._catalog = store.catalog
         self.features = None if features is None else int(features)
         self._chunk_bytes = int(chunk_bytes)
         self._shard_bytes = int(shard_bytes)
@@ -80,19 +99,24 @@ class UnitWriter:
         if self._row_set is not None:
             self._expected_rows = self._row_set.n_rows
 
-        existing = store._unit_arrays().get((model, layer))
-        if existing is not None and existing.attrs.get("complete") and not overwrite:
+        catalog = self._catalog
+        catalog.check_writable(self._ctx)
+        existing = catalog.entry(model, layer, fresh=True)
+        if isinstance(existing, UnitEntry) and not overwrite:
             raise InputError(
-                f"{self._ctx}: unit already exists in store {store.url}; pass overwrite=True "
-                "(--overwrite) to replace it"
+                f"{self._ctx}: unit already exists in store {store.url}; pass "
+                f"{setting('overwrite')} to replace it"
             )
         # The store's row count, if other units fix it: appends beyond it fail early.
-        others = store._other_units(model, layer)
-        self._row_limit = store.n_rows if others else None
+        stored = catalog.rows(fresh=True)
+        others = stored is not None and catalog.has_other_unit(model, layer)
+        self._row_limit = stored.n_rows if others else None
         if self._row_set is not None:
-            store._check_rows(self._row_set, model, layer, self._ctx)
+            catalog.check_rows(self._row_set, model, layer, self._ctx)
 
         self.source_dtype: str | None = None
+        self._recorded_source_dtype = _source_dtype  # a copy keeps its original's
+        self._version: str | None = None
         self._array: Any = None
         self._buffer: np.ndarray | None = None
         self._filled = 0  # rows in the buffer
@@ -185,7 +209,7 @@ class UnitWriter:
 
     def _flush(self, block: np.ndarray) -> None:
         """Write ``block`` (at most one shard, starting on a shard boundary) to the array."""
-        with self._store._errors():
+        with self._catalog.errors():
             if self._array is None:
                 self._create(max(block.shape[0], self._expected_rows or 0))
             end = self._written + block.shape[0]
@@ -197,21 +221,25 @@ class UnitWriter:
         self._filled = 0
 
     def _create(self, rows: int) -> None:
-        """Create the (incomplete) array, replacing an old or interrupted one of this unit."""
-        store = self._store
-        store._forget(self.model, self.layer)
+        """Create the array of a new version of the unit (removing unfinished old ones)."""
+        import zarr
+        from zarr.codecs import Crc32cCodec
+
+        self._version = self._catalog.begin(self.model, self.layer)
         self._array = zarr.create_array(
-            store._store(),
-            name=layout.unit_path(self.model, self.layer),
+            self._catalog.zstore,
+            name=layout.version_path(self.model, self.layer, self._version),
             shape=(rows, self.features),
             dtype=self.dtype,
             chunks=(self._chunk_rows, self.features),
             shards=(self._shard_rows, self.features),
-            # Dense float activations barely compress (a few percent); codecs only cost
-            # throughput. See docs/store.md.
-            compressors=None,
+            # No compression: dense float activations barely compress (a few percent) and
+            # codecs cost read throughput. Each chunk carries its CRC32C, so damage is found.
+            compressors=[Crc32cCodec()],
             fill_value=0.0,
-            overwrite=True,
+            # All-zero chunks (dead ReLU units) are data: store them, so that a missing
+            # chunk always means lost data, never zeros.
+            config={"write_empty_chunks": True},
             dimension_names=("row", "feature"),
             attributes={"complete": False, "source_dtype": self.source_dtype},
         )
@@ -241,45 +269,37 @@ class UnitWriter:
                     f"{self._ctx}: {total} rows written, but {self._expected_rows} expected"
                 )
             rows = self._row_set or RowSet(n_rows=total)
-            store = self._store
-            committed = store._check_rows(rows, self.model, self.layer, self._ctx)
-            with store._errors():
+            with self._catalog.errors():
                 if self._array.shape[0] != total:
                     self._array.resize((total, self.features))
-                if not committed:
-                    store._commit_rows(rows)
-                # Last write: from here on the unit is visible.
+                # The version is complete (and immutable from here on); publishing makes it
+                # the unit's current version.
                 self._array.update_attributes(
                     {
                         "complete": True,
-                        "source_dtype": self.source_dtype,
+                        "source_dtype": self._recorded_source_dtype or self.source_dtype,
                         "fingerprint": self._hash.hexdigest(),
+                        "row_fingerprint": rows.fingerprint,
                     }
                 )
+            self._catalog.publish(self.model, self.layer, self._version, rows, self._ctx)
         except BaseException:
             self.abort()
             raise
         self._done = True
-        store._forget(self.model, self.layer)
-        return store.unit_info(self.model, self.layer)
+        return self._store.unit_info(self.model, self.layer)
 
     def abort(self) -> None:
-        """Discard everything written; the unit stays invisible (its staging array is removed)."""
+        """Discard everything written; the unit stays as it was (its new version is removed)."""
         self._done = True
         self._buffer = None
         if self._array is None:
             return
         self._array = None
-        store = self._store
-        store._forget(self.model, self.layer)
         try:
-            with store._errors():
-                root = store._root()
-                path = layout.unit_path(self.model, self.layer)
-                if path in root:
-                    del root[path]
+            self._catalog.discard(self.model, self.layer, self._version)
         except Exception:
-            # Best effort: an incomplete array left behind is invisible and replaced by the
+            # Best effort: an unfinished version left behind is invisible and removed by the
             # next ingest of this unit, so a failed cleanup must not hide the real error.
             pass
 
@@ -291,6 +311,17 @@ class UnitWriter:
             self.abort()
         elif not self._done:
             self.close()
+
+    def __del__(self) -> None:
+        # No I/O here (it may run at interpreter exit): the unfinished version stays, invisible.
+        if not getattr(self, "_done", True):
+            warnings.warn(
+                f"UnitWriter for model {self.model!r}, layer {self.layer!r} was garbage-"
+                "collected without close() or abort(); the unit was not published (use "
+                "'with store.writer(model, layer) as w:')",
+                UnclosedWriterWarning,
+                stacklevel=2,
+            )
 
 
 def _to_numpy(obj: Any) -> np.ndarray:

@@ -44,9 +44,8 @@ def test_unreachable_object_store(tmp_path):
 def test_corrupt_chunk_names_store_and_unit(tmp_path):
     store = tmp_path / "acts.zarr"
     make_store(str(store), {"a": [6, 5]}, rows=300)
-    chunk = next((store / "units" / "a" / "layer2" / "c").rglob("*"))
-    while chunk.is_dir():
-        chunk = next(chunk.iterdir())
+    # The shard files of the unit's (only) version: units/a/layer2/<version>/c/<shard>/0
+    chunk = next(p for p in (store / "units" / "a" / "layer2").rglob("c/*/*") if p.is_file())
     data = bytearray(chunk.read_bytes())
     data[-40:] = b"\xff" * 40
     chunk.write_bytes(bytes(data))

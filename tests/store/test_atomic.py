@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from repscope.errors import InputError, NotFoundError
-from repscope.store import ActivationStore, UnitWriter, ingest_array
+from repscope.store import ActivationStore, UnclosedWriterWarning, UnitWriter, ingest_array
 
 CHUNK, SHARD = 4 * 4 * 8, 4 * 4 * 32  # 4 float32 features: 8-row chunks, 32-row shards
 
@@ -49,9 +50,12 @@ def test_interrupted_ingest_leaves_nothing_visible_and_rerun_works(backend, monk
 
 
 def test_leftover_incomplete_unit_is_invisible_and_replaced(store):
-    # A writer killed without cleanup (no abort): shards written, complete flag never set.
+    # A writer dropped without close or abort: shards written, never published. It warns.
     w = UnitWriter(store, "m", "l", chunk_bytes=CHUNK, shard_bytes=SHARD)
     w.append(_acts(100))
+    with pytest.warns(UnclosedWriterWarning, match=r"model 'm', layer 'l' was garbage-collected"):
+        del w
+        gc.collect()
     assert store.units() == []
     with pytest.raises(NotFoundError, match=r"model 'm' not in store"):
         store.read("m", "l")
@@ -69,7 +73,7 @@ def test_writer_context_manager_discards_on_exception(store):
                 w.append(_acts(20, seed=i))
             raise KeyError("training loop failed")
     assert store.units() == []
-    assert "units/m/l" not in store._root()
+    assert store.catalog.entry("m", "l", fresh=True) == "absent"
 
 
 def test_streaming_writer_equals_batch_ingest(store):

@@ -118,7 +118,7 @@ def test_npy_needs_a_layer_and_unknown_suffix(store, tmp_path):
     with pytest.raises(
         InputError,
         match=r"model 'm' \(file .*acts.npy\): a .npy file holds one "
-        r"layer; name it with --layer",
+        r"layer; name it with layer=\.\.\.$",
     ):
         ingest_path(store, "m", tmp_path / "acts.npy")
     (tmp_path / "acts.csv").write_text("1,2\n")
@@ -191,3 +191,17 @@ def test_store_row_count_checked_before_any_file_is_written(tmp_path):
     ):
         ingest_path(store, "m2", d)
     assert store.units() == [("m", "a")]
+
+
+def test_overlong_names_are_refused_for_writing_and_not_found_for_reading(store):
+    ingest_array(store, "m", "l", _ok())
+    with pytest.raises(InputError, match=r"^model name 'm{40}'\.\.\. is too long \(300 characters"):
+        ingest_array(store, "m" * 300, "l", _ok())
+    with pytest.raises(InputError, match=r"^layer name 'é{40}'\.\.\. is too long \(101 characters, "
+                                         r"202 bytes in UTF-8\)"):
+        ingest_array(store, "m", "é" * 101, _ok())
+    ingest_array(store, "m", "é" * 100, _ok())  # 200 bytes: the limit
+    for model, layer in [("m" * 300, "l"), ("m", "l" * 300)]:
+        with pytest.raises(NotFoundError, match="not (in store|found)") as info:  # no I/O error
+            store.read(model, layer)
+        assert "m" * 61 not in str(info.value) and "l" * 61 not in str(info.value)
