@@ -1,9 +1,9 @@
-"""`make demo`: the seed paper's heatmaps in miniature, end to end on an embedded Ray.
+"""`make demo`: the seed paper's heatmaps in miniature, end to end.
 
 Trains three small MLPs (four hidden layers) on scikit-learn's digits that differ only in
 their random seed, ingests their hidden-layer activations on held-out digits into a local
 store, runs a job with linear_cka, pwcca and procrustes, and writes the results store and
-heatmaps (CKA and PWCCA of seed 0 vs seed 1 side by side).
+heatmaps (CKA and PWCCA of seed 0 vs seed 1 side by side) with the interactive report.
 """
 
 from __future__ import annotations
@@ -64,11 +64,14 @@ def main(argv=None) -> int:
 
     from repscope.store import ActivationStore, ingest_array
 
-    store = ActivationStore.create(str(store_url))
+    store = ActivationStore.create(str(_fresh(store_url)))
+    scores = ["model,score"]
     for name, (mlp, accuracy) in models.items():
         for k, acts in enumerate(hidden_activations(mlp, x_test)):
-            ingest_array(store, name, f"layer{k + 1}", acts, overwrite=True)
+            ingest_array(store, name, f"layer{k + 1}", acts)
+        scores.append(f"{name},{accuracy}")
         print(f"  {name}: test accuracy {accuracy:.3f}, 4 hidden layers ingested", flush=True)
+    (out / "scores.csv").write_text("\n".join(scores) + "\n")  # for `repscope ground`
 
     spec = out / "demo-job.yaml"
     spec.write_text(
@@ -81,18 +84,40 @@ def main(argv=None) -> int:
     if code:
         return code
     from repscope.jobs.report import write_report
+    from repscope.jobs.report_html import write_html
     from repscope.jobs.results import open_results
 
-    files = write_report(open_results(str(results_url)), report_dir)
+    ds = open_results(str(results_url))
+    files = write_report(ds, report_dir)
+    page = write_html(ds, report_dir, source=str(results_url))
     side_by_side = report_dir / "mlp-seed0__vs__mlp-seed1.png"
     print(
         f"\nstore:    {store_url}\nspec:     {spec}\nresults:  {results_url}"
-        f"  (xarray.open_zarr)\nreport:   {report_dir} ({len(files)} PNG heatmaps)\n"
+        f"  (xarray.open_zarr)\nreport:   {page} (interactive) and {len(files)} PNG heatmaps "
+        f"in {report_dir}\n"
         f"seed 0 vs seed 1 (CKA, PWCCA, Procrustes side by side): {side_by_side}\n"
         f"demo finished in {time.perf_counter() - t0:.0f} s",
         flush=True,
     )
     return 0
+
+
+def _fresh(store_url: Path) -> Path:
+    """The demo's store, written anew each run: an earlier demo's store is removed (it is the
+    demo's own: a repscope store in the demo's folder); anything else there is refused."""
+    import shutil
+
+    from repscope.errors import InputError
+    from repscope.store import ActivationStore
+
+    if store_url.exists():
+        try:
+            ActivationStore.open(str(store_url))
+        except Exception:
+            raise InputError(f"{store_url} exists and is not the demo's store; move it away "
+                             "or run the demo with --out elsewhere") from None
+        shutil.rmtree(store_url)
+    return store_url
 
 
 if __name__ == "__main__":

@@ -21,3 +21,24 @@ def test_demo_writes_results_and_heatmaps(tmp_path, capsys):
     # other seed more often than not (the seed paper's diagonal)
     cka = ds["linear_cka"].values[:4, 4:8]
     assert (np.argmax(cka, axis=1) == np.arange(4)).sum() >= 3
+    assert (tmp_path / "report" / "report.html").stat().st_size > 1 << 20  # plotly inside
+    assert (tmp_path / "scores.csv").read_text().startswith("model,score\nmlp-seed0,")
+
+
+def test_demo_runs_again_on_its_own_output(tmp_path, capsys):
+    """A second `make demo` replaces its own store (not a user's) and succeeds."""
+    assert main(["--out", str(tmp_path)]) == 0
+    assert main(["--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    (tmp_path / "acts.zarr").rename(tmp_path / "mine")
+    (tmp_path / "acts.zarr").mkdir()
+    (tmp_path / "acts.zarr" / "notes.txt").write_text("a user's file")
+    from repscope.errors import InputError
+
+    try:
+        main(["--out", str(tmp_path)])
+    except InputError as exc:
+        assert "not the demo's store" in str(exc)
+    else:
+        raise AssertionError("the demo replaced a folder it did not write")
+    assert (tmp_path / "acts.zarr" / "notes.txt").read_text() == "a user's file"
