@@ -17,7 +17,8 @@ from repscope.errors import RepscopeError
 
 # Modules that define subcommands: each has register(subparsers) -> None, and every parser
 # it adds sets `func=callable(args) -> int`.
-_COMMAND_MODULES = ("repscope.store.cli", "repscope.jobs.commands", "repscope.jobs.ground")
+_COMMAND_MODULES = ("repscope.store.cli", "repscope.jobs.capture", "repscope.jobs.commands",
+                    "repscope.jobs.ground")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -279,6 +279,10 @@ class ActivationStore:
             fingerprint=str(arr.attrs.get("fingerprint", "")),
         )
 
+    def unit_attributes(self, model: str, layer: str) -> dict:
+        """The ``attributes`` its writer recorded with a complete unit ({} if none)."""
+        return dict(self._array(model, layer).attrs.get("attributes") or {})
+
     def read(self, model: str, layer: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` of a unit: ndarray of shape (stop - start, features), storage dtype.
 

@@ -1,0 +1,619 @@
+"""`repscope capture`: checkpoints to an activation store, one Ray task per checkpoint.
+
+A capture spec (or the command line) names the store, the checkpoints and the inputs:
+
+```yaml
+store: acts.zarr                  # required: a store URL (created if missing)
+checkpoints:                      # required: model name -> checkpoint folder
+  bert-seed1: ckpts/seed1         #   (or a list of folders, each named by its folder)
+  bert-seed2: ckpts/seed2
+text: probes.txt                  # one example per line; or ids: probes.npz (input_ids,
+                                  #   attention_mask, optional token_type_ids)
+layers: [embeddings, layer6]      # optional, default: every hidden state
+pool: none                        # none (token rows) | mean | first | last
+max_length: 128                   # optional, default: the shortest maximum of the models
+batch_size: 32
+device: auto                      # auto | cpu | cuda
+dtype: float32                    # storage dtype: float32 | float16
+storage_options: {}               # fsspec options for the store
+```
+
+Relative paths are relative to the spec's folder. Everything is checked on the driver before
+any work: every checkpoint is a model, the inputs are not empty, every layer exists, every
+tokenizer gives the same tokens (else rows would not align), the store's rows match. Each
+unit records its checkpoint and inputs digests (unit attribute ``capture``); a rerun skips
+units complete for the same checkpoint, inputs and pool, and captures the rest. Checkpoints
+run as Ray tasks (one GPU each when the cluster has GPUs; on the embedded default one or two
+at a time, by memory); a failed checkpoint is reported and the others' units are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from repscope import __version__
+from repscope.errors import InputError, NotFoundError, RepscopeError, SpecError
+from repscope.jobs.spec import closest
+from repscope.store.activation_store import ActivationStore
+from repscope.store.capture import POOLS, check_pool
+from repscope.store.cli import parse_storage_options, storage_option_arg
+from repscope.store.layout import STORAGE_DTYPES, format_bytes
+from repscope.store.validate import check_name, where
+
+SPEC_KEYS = ("store", "checkpoints", "text", "ids", "layers", "pool", "max_length",
+             "batch_size", "device", "dtype", "storage_options")
+DEVICES = ("auto", "cpu", "cuda")
+TASK_RETRIES = 1  # a worker lost to a node failure or OOM kill; our own errors never retry
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """A parsed capture spec: which checkpoints, which inputs, into which store."""
+
+    store: str
+    checkpoints: tuple[tuple[str, str], ...]  # (model name, checkpoint folder)
+    text: str | None = None
+    ids: str | None = None
+    layers: tuple[str, ...] | None = None
+    pool: str = "none"
+    max_length: int | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    dtype: str = "float32"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+def _positive(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...], source: str) -> str:
+    if value not in choices:
+        raise SpecError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _checkpoints(value: Any, source: str, base: Path) -> tuple[tuple[str, str], ...]:
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        pairs = [(Path(str(p)).name, str(p)) for p in value]
+    elif isinstance(value, dict):
+        pairs = [(str(name), str(path)) for name, path in value.items()]
+    else:
+        raise SpecError(f"{source}: checkpoints must map model names to checkpoint folders")
+    if not pairs:
+        raise SpecError(f"{source}: checkpoints is empty")
+    seen: set[str] = set()
+    for name, _ in pairs:
+        try:
+            check_name("model", name)
+        except InputError as exc:
+            raise SpecError(f"{source}: checkpoints: {exc}") from None
+        if name in seen:
+            raise SpecError(f"{source}: checkpoints name model {name!r} twice")
+        seen.add(name)
+    return tuple((name, str(base / Path(path).expanduser())) for name, path in pairs)
+
+
+def spec_from_dict(
+    raw: Any, source: str = "<capture spec>", base: Path | None = None
+) -> CaptureSpec:
+    """Check a capture spec given as plain data; relative paths are taken from ``base``."""
+    base = base or Path(".")
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a capture spec is a mapping of keys {', '.join(SPEC_KEYS)}")
+    for key in raw:
+        if key not in SPEC_KEYS:
+            raise SpecError(f"{source}: unknown key {key!r}{closest(key, SPEC_KEYS)}")
+    for key in ("store", "checkpoints"):
+        if raw.get(key) in (None, "", [], {}):
+            raise SpecError(f"{source}: missing required key {key!r}")
+    if (raw.get("text") is None) == (raw.get("ids") is None):
+        raise SpecError(f"{source}: give exactly one of text (one example per line) or ids "
+                        "(an .npz of input_ids and attention_mask)")
+    store = str(raw["store"])
+    if "://" not in store:
+        store = str(base / Path(store).expanduser())
+    layers = raw.get("layers")
+    if layers is not None:
+        if isinstance(layers, str):
+            layers = [layers]
+        if not isinstance(layers, list) or not layers or not all(
+                isinstance(n, str) for n in layers):
+            raise SpecError(f"{source}: layers must be a non-empty list of layer names")
+        if len(set(layers)) != len(layers):
+            raise SpecError(f"{source}: layers lists a layer more than once")
+    options = raw.get("storage_options") or {}
+    if not isinstance(options, dict):
+        raise SpecError(f"{source}: storage_options must be a mapping")
+    max_length = raw.get("max_length")
+    return CaptureSpec(
+        store=store,
+        checkpoints=_checkpoints(raw["checkpoints"], source, base),
+        text=None if raw.get("text") is None else str(base / Path(str(raw["text"])).expanduser()),
+        ids=None if raw.get("ids") is None else str(base / Path(str(raw["ids"])).expanduser()),
+        layers=None if layers is None else tuple(layers),
+        pool=_choice(raw.get("pool", "none"), "pool", POOLS, source),
+        max_length=None if max_length is None else _positive(max_length, "max_length", source),
+        batch_size=_positive(raw.get("batch_size", 32), "batch_size", source),
+        device=_choice(raw.get("device", "auto"), "device", DEVICES, source),
+        dtype=_choice(raw.get("dtype", "float32"), "dtype", STORAGE_DTYPES, source),
+        storage_options=dict(options),
+    )
+
+
+def read_spec_file(path: str | Path) -> Any:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise NotFoundError(f"capture spec {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}: malformed YAML: {problem}") from None
+
+
+def load_capture_spec(path: str | Path) -> CaptureSpec:
+    """Read and check a capture spec file (YAML)."""
+    path = Path(path).expanduser()
+    return spec_from_dict(read_spec_file(path), str(path), path.resolve().parent)
+
+
+def is_capture_spec(path: str | Path) -> bool:
+    """True for a capture spec (it lists checkpoints), False for a job spec."""
+    raw = read_spec_file(path)
+    return isinstance(raw, dict) and "checkpoints" in raw
+
+
+# -- planning: everything checked before any work -------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointTask:
+    """One checkpoint's capture, everything a Ray task needs (plain data)."""
+
+    checkpoint: Any  # repscope.store.hf.Checkpoint
+    inputs: Any  # repscope.store.hf.TokenInputs
+    units: tuple[str, ...]
+    attributes: dict[str, dict]
+    pool: str
+    batch_size: int
+    dtype: str
+    device: str
+    memory: int  # bytes the task is expected to hold at most
+    threads: int | None = None
+
+
+@dataclass
+class Plan:
+    store: ActivationStore | None  # None: no store yet (created when the work starts)
+    tasks: list[CheckpointTask]
+    skipped: list[str]  # models whose units are all complete for the same checkpoint + inputs
+
+
+def _provenance(digest: str, inputs: Any, pool: str, unit: str, hidden: list[str]) -> dict:
+    source = f"hidden_states[{hidden.index(unit)}]" if unit in hidden else f"module {unit}"
+    return {"capture": {"checkpoint": digest, "inputs": inputs.digest, "pool": pool,
+                        "output": source, "repscope": __version__}}
+
+
+def _differs(recorded: dict | None, wanted: dict) -> str | None:
+    """Why a complete unit is not the one this capture would write (None: it is)."""
+    if not recorded:
+        return "was not written by capture"
+    for key, what in (("checkpoint", "another checkpoint"), ("inputs", "other inputs"),
+                      ("pool", f"pool {recorded.get('pool')!r}"), ("output", "another output")):
+        if recorded.get(key) != wanted[key]:
+            return f"was captured from {what}"
+    return None
+
+
+def _open_store(spec: CaptureSpec) -> ActivationStore | None:
+    try:
+        return ActivationStore.open(spec.store, spec.storage_options or None)
+    except NotFoundError:
+        return None
+
+
+def _memory_estimate(checkpoint: Any, inputs: Any, units: int, spec: CaptureSpec) -> int:
+    """Bytes a checkpoint's task holds at most: weights (twice, while they load), one batch
+    of outputs (a few copies), one shard buffer per unit, and the runtime."""
+    from repscope.store.capture import CAPTURE_SHARD_BYTES
+    from repscope.store.hf import WEIGHTS
+
+    folder = Path(checkpoint.path)
+    weights = sum(p.stat().st_size for pattern in WEIGHTS for p in folder.glob(pattern))
+    width = checkpoint.hidden_size or 1024
+    batch = spec.batch_size * inputs.input_ids.shape[1] * width * 4 * (checkpoint.layers + 1)
+    shard = min(CAPTURE_SHARD_BYTES, inputs.rows(spec.pool) * width * 4)
+    return 2 * weights + 4 * batch + units * shard + (1 << 30)
+
+
+def plan_capture(spec: CaptureSpec, *, overwrite: bool = False, warn=None) -> Plan:
+    """Check everything and decide what each checkpoint captures; nothing is written."""
+    from repscope.store import hf
+
+    warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+    check_pool(spec.pool)
+    checkpoints = [hf.inspect_checkpoint(path, model) for model, path in spec.checkpoints]
+    units = {c.model: c.check_units(list(spec.layers or c.units)) for c in checkpoints}
+
+    tokenizers = {c.model: hf.load_tokenizer(c) for c in checkpoints} if spec.text else {}
+    limits = {c.model: hf.max_length_for(c, tokenizers.get(c.model)) for c in checkpoints}
+    for c in checkpoints:
+        limit = limits[c.model]
+        if spec.max_length is not None and limit is not None and spec.max_length > limit:
+            raise InputError(f"{where(c.model)} (checkpoint {c.path}): max_length "
+                             f"{spec.max_length} is longer than the {limit} tokens it takes")
+    known = [limit for limit in limits.values() if limit is not None]
+    max_length = spec.max_length or (min(known) if known else None)
+
+    if spec.text:
+        texts, lines = hf.read_text(spec.text)
+        warned: set[str] = set()
+
+        def warn_once(text: str) -> None:
+            if text not in warned:
+                warned.add(text)
+                warn(text)
+
+        inputs = {c.model: hf.tokenize(tokenizers[c.model], texts, lines, spec.text,
+                                       max_length or (1 << 62), warn_once) for c in checkpoints}
+    else:
+        shared = hf.read_ids(spec.ids)
+        inputs = {c.model: shared for c in checkpoints}
+        if spec.max_length is not None and shared.longest > spec.max_length:
+            raise InputError(f"{shared.source}: examples have up to {shared.longest} tokens, "
+                             f"longer than max_length {spec.max_length}: shorten them")
+    for c in checkpoints:
+        hf.check_inputs(c, inputs[c.model])
+
+    # Rows must align: every checkpoint's tokens the same, and the same as the store's.
+    first = checkpoints[0]
+    rows = inputs[first.model].row_fingerprint(spec.pool)
+    for c in checkpoints[1:]:
+        if inputs[c.model].row_fingerprint(spec.pool) != rows:
+            difference = inputs[c.model].first_difference(inputs[first.model])
+            raise InputError(
+                f"{where(c.model)} (checkpoint {c.path}): its tokenizer gives other tokens "
+                f"than that of {first.model!r} ({difference}): rows would not align; capture "
+                "it into another store"
+            )
+    store = _open_store(spec)
+    if store is not None and store.units() and store.row_fingerprint != rows:
+        raise InputError(
+            f"{where(first.model)}: these inputs ({spec.text or spec.ids}, pool {spec.pool}) give "
+            f"other rows than the store's units (row fingerprint {rows[:12]} against "
+            f"{str(store.row_fingerprint)[:12]}): they were captured from other inputs, another "
+            "tokenizer or pool; capture into another store"
+        )
+
+    tasks, skipped = [], []
+    existing = set(store.units()) if store is not None else set()
+    for c in checkpoints:
+        digest = hf.checkpoint_digest(c.path)
+        todo, attributes = [], {}
+        for unit in units[c.model]:
+            wanted = _provenance(digest, inputs[c.model], spec.pool, unit, c.units)
+            if (c.model, unit) in existing:
+                why = _differs(store.unit_attributes(c.model, unit).get("capture"),
+                               wanted["capture"])
+                if why is None and store.unit_info(c.model, unit).dtype == spec.dtype:
+                    continue  # complete, same checkpoint and inputs: nothing to do
+                if not overwrite:
+                    raise InputError(
+                        f"{where(c.model, unit)}: unit already exists in store {store.url} and "
+                        f"{why or 'is stored as ' + store.unit_info(c.model, unit).dtype}; "
+                        "pass --overwrite to replace it"
+                    )
+            todo.append(unit)
+            attributes[unit] = wanted
+        if not todo:
+            skipped.append(c.model)
+            continue
+        tasks.append(CheckpointTask(
+            checkpoint=c, inputs=inputs[c.model], units=tuple(todo), attributes=attributes,
+            pool=spec.pool, batch_size=spec.batch_size, dtype=spec.dtype, device=spec.device,
+            memory=_memory_estimate(c, inputs[c.model], len(todo), spec),
+        ))
+    return Plan(store=store, tasks=tasks, skipped=skipped)
+
+
+# -- the work of one checkpoint: plain code, run in-process or as a Ray task -------------------
+
+
+def capture_checkpoint(store: ActivationStore, task: CheckpointTask, progress=None) -> dict:
+    """Load one checkpoint and capture its units into ``store``; returns a summary dict."""
+    from repscope.store import hf
+    from repscope.store.capture import require
+
+    torch = require("torch")
+    if task.threads:
+        torch.set_num_threads(task.threads)
+    device = hf.resolve_device(task.device)
+    start = time.perf_counter()
+    model = hf.load_model(task.checkpoint, device)
+    loaded = time.perf_counter()
+    infos = hf.capture_hidden_states(
+        model, task.checkpoint, task.inputs, store, list(task.units), pool=task.pool,
+        batch_size=task.batch_size, dtype=task.dtype, attributes=task.attributes,
+        overwrite=True,  # planning decided which complete units may be replaced
+        progress=progress,
+    )
+    seconds = time.perf_counter() - loaded
+    return {
+        "model": task.checkpoint.model,
+        "checkpoint": task.checkpoint.path,
+        "units": [info.layer for info in infos],
+        "rows": infos[0].rows,
+        "tokens": task.inputs.tokens,
+        "bytes": sum(info.nbytes for info in infos),
+        "load_seconds": round(loaded - start, 3),
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(task.inputs.tokens / seconds, 1) if seconds > 0 else None,
+        "device": str(device),
+    }
+
+
+@functools.cache
+def _remote_capture():
+    import ray
+
+    return ray.remote(max_retries=TASK_RETRIES)(capture_checkpoint)
+
+
+def _failure(exc: BaseException) -> str:
+    """One line for a checkpoint that failed: our own message, or the error's first line."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, RepscopeError):
+            return str(cause)
+        if cause is not None:
+            exc = cause
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"
+
+
+def _run_on_ray(plan: Plan, address: str | None, out: TextIO) -> tuple[list[dict], dict]:
+    """One Ray task per checkpoint; returns (results, {model: failure})."""
+    import ray
+
+    from repscope.cluster.execute import connect
+
+    cpus = connect(address)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    if gpus:
+        options = {"num_gpus": 1, "num_cpus": 1}
+        threads = None
+    else:
+        # Two at a time when two fit in memory, else one: each task gets its share of CPUs.
+        memory = ray.available_resources().get("memory", 0)
+        largest = max(task.memory for task in plan.tasks)
+        parallel = 2 if embedded and len(plan.tasks) > 1 and 2 * largest <= memory else 1
+        if not embedded:
+            parallel = max(1, min(len(plan.tasks), cpus // 2))
+        threads = max(1, cpus // parallel)
+        options = {"num_cpus": threads}
+    remote = _remote_capture()
+    store_ref = ray.put(plan.store)
+    refs = {}
+    for task in plan.tasks:
+        task = dataclasses.replace(task, threads=threads)
+        refs[remote.options(**options).remote(store_ref, task)] = task.checkpoint.model
+    results, failures = [], {}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        model = refs[done[0]]
+        try:
+            result = ray.get(done[0])
+        except Exception as exc:  # a failed checkpoint must not lose the others
+            failures[model] = _failure(exc)
+            print(f"{model}: failed: {failures[model]}", file=out, flush=True)
+            continue
+        results.append(result)
+        _report(result, out)
+    return results, failures
+
+
+def _report(result: dict, out: TextIO) -> None:
+    print(f"{result['model']}: {_count(len(result['units']), 'unit')} x {result['rows']:,} rows "
+          f"({format_bytes(result['bytes'])}) in {result['seconds']:.1f} s after "
+          f"{result['load_seconds']:.1f} s loading, {result['tokens_per_second'] or 0:,.0f} "
+          f"tokens/s on {result['device']}", file=out, flush=True)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def run_capture(
+    spec: CaptureSpec,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    out: TextIO | None = None,
+) -> dict:
+    """Plan, then capture every checkpoint that has work; returns a summary dict with
+    ``captured`` (one dict per checkpoint), ``skipped`` and ``failed`` ({model: reason})."""
+    out = out or sys.stderr
+    start = time.perf_counter()
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:
+        from repscope.store.hf import resolve_device
+
+        resolve_device(spec.device)  # a cluster's tasks check their own devices
+    plan = plan_capture(spec, overwrite=overwrite)
+    if plan.store is None and plan.tasks:
+        plan.store = ActivationStore.create(spec.store, spec.storage_options or None)
+    for model in plan.skipped:
+        print(f"{model}: skipped, every unit is complete for the same checkpoint and inputs",
+              file=out, flush=True)
+    results: list[dict] = []
+    failures: dict[str, str] = {}
+    if len(plan.tasks) == 1 and local:
+        # One checkpoint here: in this process, with a live progress bar.
+        from repscope.cluster.execute import Progress
+
+        task = plan.tasks[0]
+        bar = Progress(task.inputs.examples, label=f"capture {task.checkpoint.model}",
+                       stream=out, unit="examples")
+        try:
+            results.append(capture_checkpoint(plan.store, task, lambda n, rows: bar(n)))
+        finally:
+            bar.close()
+        _report(results[0], out)
+    elif plan.tasks:
+        results, failures = _run_on_ray(plan, address, out)
+    return {
+        "store": plan.store.url if plan.store is not None else spec.store,
+        "captured": results,
+        "skipped": plan.skipped,
+        "failed": failures,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+# -- submission to a cluster ---------------------------------------------------------------
+
+
+def prepare_submission(spec_path: str | Path, workdir: Path, *, overwrite: bool = False) -> str:
+    """Put a capture spec (and its local inputs file) in ``workdir`` for the Ray Jobs API;
+    returns the entrypoint. The store and checkpoint paths are kept as the spec resolves
+    them: they must be reachable from the cluster (a shared filesystem or a store URL)."""
+    spec = load_capture_spec(spec_path)
+    inputs = Path(spec.text or spec.ids)
+    if not inputs.is_file():
+        raise NotFoundError(f"inputs file not found: {inputs}")
+    shutil.copyfile(inputs, workdir / inputs.name)
+    raw = {
+        "store": spec.store,
+        "checkpoints": dict(spec.checkpoints),
+        ("text" if spec.text else "ids"): inputs.name,
+        "pool": spec.pool, "batch_size": spec.batch_size, "device": spec.device,
+        "dtype": spec.dtype, "storage_options": spec.storage_options,
+    }
+    if spec.layers is not None:
+        raw["layers"] = list(spec.layers)
+    if spec.max_length is not None:
+        raw["max_length"] = spec.max_length
+    (workdir / "capture.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return "repscope capture --spec capture.yaml --json" + (" --overwrite" if overwrite else "")
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def spec_from_args(args) -> CaptureSpec:
+    """The capture spec that ``repscope capture`` arguments describe."""
+    given = [name for name in ("store", "model", "hf", "text", "ids", "layers", "pool",
+                               "max_length", "batch_size", "device", "dtype")
+             if getattr(args, name) not in (None, [])]
+    if args.spec:
+        if given or args.storage_option:
+            flag = given[0].replace("_", "-") if given else "storage-option"
+            raise InputError(f"--spec describes the whole capture; {flag} goes into the spec")
+        return load_capture_spec(args.spec)
+    if not args.store or not args.hf:
+        raise InputError("give STORE and --hf CHECKPOINT_DIR (or --spec FILE)")
+    if args.model is not None and len(args.hf) > 1:
+        raise InputError(f"MODEL names one checkpoint, but --hf is given {len(args.hf)} times; "
+                         "name each with --hf NAME=DIR instead")
+    checkpoints = {}
+    for item in args.hf:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = args.model or Path(item).expanduser().resolve().name, item
+        checkpoints[name] = path
+    if len(checkpoints) != len(args.hf):
+        raise InputError("two --hf checkpoints have the same model name; name them NAME=DIR")
+    raw = {"store": args.store, "checkpoints": checkpoints, "text": args.text, "ids": args.ids,
+           "storage_options": parse_storage_options(args.storage_option)}
+    if args.layers:
+        raw["layers"] = [name.strip() for name in args.layers.split(",") if name.strip()]
+    for name in ("pool", "max_length", "batch_size", "device", "dtype"):
+        if getattr(args, name) is not None:
+            raw[name] = getattr(args, name)
+    return spec_from_dict({k: v for k, v in raw.items() if v is not None}, "command line")
+
+
+def _cmd_capture(args) -> int:
+    spec = spec_from_args(args)
+    real_stdout = sys.stdout
+    sys.stdout = sys.stderr  # Ray prints cluster events to stdout: keep it for the summary
+    try:
+        summary = run_capture(spec, address=args.address, overwrite=args.overwrite)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        sys.stdout = real_stdout
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        units = sum(len(r["units"]) for r in summary["captured"])
+        print(f"done: {_count(len(summary['captured']), 'checkpoint')} captured "
+              f"({_count(units, 'unit')}), {len(summary['skipped'])} skipped, "
+              f"{len(summary['failed'])} failed, {summary['seconds']:.1f} s -> {summary['store']}")
+    if summary["failed"]:
+        model, reason = next(iter(summary["failed"].items()))
+        raise RepscopeError(
+            f"{len(summary['failed'])} of {len(spec.checkpoints)} checkpoints failed "
+            f"(first: {model}: {reason}); the others' units are in the store, and a rerun "
+            "captures only what is missing"
+        )
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "capture",
+        help="run Hugging Face checkpoints on inputs and store their hidden states",
+        description="Capture the hidden states (embeddings, layer1 .. layerN) of local "
+        "Hugging Face checkpoints on one set of inputs into a store (created if missing). "
+        "Several checkpoints run as Ray tasks; a rerun skips units already complete for the "
+        "same checkpoint and inputs.",
+    )
+    p.add_argument("store", nargs="?", metavar="STORE", help="store URL: path, s3://, gs://")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="model name (one --hf; default: the checkpoint folder's name)")
+    p.add_argument("--hf", action="append", default=[], metavar="[NAME=]DIR",
+                   help="checkpoint folder written by save_pretrained; repeatable")
+    p.add_argument("--spec", help="capture spec (YAML) instead of STORE, MODEL and --hf")
+    p.add_argument("--text", help="inputs: a UTF-8 text file, one example per line")
+    p.add_argument("--ids", help="inputs: an .npz of input_ids, attention_mask "
+                   "(optional) and token_type_ids (optional), (examples, tokens) each")
+    p.add_argument("--layers", help="comma-separated units (default: every hidden state): "
+                   "embeddings, layer1 .., or module paths")
+    p.add_argument("--pool", choices=POOLS, help="none: a row per token (default); mean, "
+                   "first, last: a row per example")
+    p.add_argument("--max-length", type=int, help="tokens per example; longer text is "
+                   "truncated with a warning (default: the model's maximum)")
+    p.add_argument("--batch-size", type=int, help="examples per forward pass (default 32)")
+    p.add_argument("--device", choices=DEVICES, help="default auto: CUDA when visible")
+    p.add_argument("--dtype", choices=STORAGE_DTYPES, help="storage dtype (default float32)")
+    p.add_argument("--address", help="Ray cluster (HOST:6379 or ray://...; default "
+                   "RAY_ADDRESS, else an embedded local instance for several checkpoints)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace units captured from another checkpoint or inputs")
+    p.add_argument("--json", action="store_true", help="last line of stdout: a JSON summary")
+    storage_option_arg(p)
+    p.set_defaults(func=_cmd_capture)
