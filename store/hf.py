@@ -96,8 +96,8 @@ class Checkpoint:
                 close = difflib.get_close_matches(unit, known + sorted(self.modules), n=3)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 # A module of a layer (encoder.layer.0, h.0.attn) says what a path looks like.
-                example = min(self.modules, key=lambda name: (name.count(".") != 2, len(name), name),
-                              default="")
+                example = min(self.modules, default="",
+                              key=lambda name: (name.count(".") != 2, len(name), name))
                 raise InputError(
                     f"{where(self.model, unit)}: no such layer in checkpoint {self.path}: its "
                     f"layers are {listed}, or a module path such as {example!r}{hint}"
