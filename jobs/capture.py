@@ -366,6 +366,7 @@ def capture_checkpoint(store: ActivationStore, task: CheckpointTask, progress=No
         "seconds": round(seconds, 3),
         "tokens_per_second": round(task.inputs.tokens / seconds, 1) if seconds > 0 else None,
         "device": str(device),
+        "threads": torch.get_num_threads(),
     }
 
 

@@ -174,10 +174,10 @@ def load_model(checkpoint: Checkpoint, device: Any) -> Any:
             model = transformers.AutoModel.from_pretrained(
                 checkpoint.path, local_files_only=True, dtype=torch.float32
             )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    except Exception as exc:  # safetensors, torch and transformers each raise their own
+        first = (str(exc).splitlines() or [""])[0]
         raise InputError(f"{where(checkpoint.model)} (checkpoint {checkpoint.path}): cannot "
-                         f"load its weights: {first}") from None
+                         f"load its weights: {type(exc).__name__}: {first}") from None
     return model.to(device).eval()
 
 

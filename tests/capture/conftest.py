@@ -65,11 +65,23 @@ def make_checkpoint(
     return folder
 
 
-def direct_hidden_states(folder: Path, lines: list[str], batch_size: int, pool: str = "none"):
+def direct_hidden_states(folder: Path, lines: list[str], batch_size: int, pool: str = "none",
+                         threads: int | None = None):
     """Hidden states computed straight from transformers, batch by batch as capture runs
-    them (each batch padded to its longest example): {unit: (rows, features) float32}."""
+    them (each batch padded to its longest example): {unit: (rows, features) float32}.
+
+    ``threads``: torch's intra-op threads, as the capture had them (GEMMs split over another
+    number of threads round differently in the last bit)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
+
+    if threads is not None and threads != torch.get_num_threads():
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return direct_hidden_states(folder, lines, batch_size, pool)
+        finally:
+            torch.set_num_threads(saved)
 
     model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
