@@ -271,8 +271,14 @@ def plan_capture(spec: CaptureSpec, *, overwrite: bool = False, warn=None) -> Pl
                 warned.add(text)
                 warn(text)
 
-        inputs = {c.model: hf.tokenize(tokenizers[c.model], texts, lines, spec.text,
-                                       max_length or (1 << 62), warn_once) for c in checkpoints}
+        by_tokenizer: dict[str, Any] = {}
+        inputs = {}
+        for c in checkpoints:
+            key = hf.tokenizer_digest(c.path)
+            if key not in by_tokenizer:
+                by_tokenizer[key] = hf.tokenize(tokenizers[c.model], texts, lines, spec.text,
+                                                max_length or (1 << 62), warn_once)
+            inputs[c.model] = by_tokenizer[key]
     else:
         shared = hf.read_ids(spec.ids)
         inputs = {c.model: shared for c in checkpoints}
@@ -336,8 +342,13 @@ def plan_capture(spec: CaptureSpec, *, overwrite: bool = False, warn=None) -> Pl
 # -- the work of one checkpoint: plain code, run in-process or as a Ray task -------------------
 
 
-def capture_checkpoint(store: ActivationStore, task: CheckpointTask, progress=None) -> dict:
-    """Load one checkpoint and capture its units into ``store``; returns a summary dict."""
+def capture_checkpoint(
+    store: ActivationStore, task: CheckpointTask, inputs: Any = None, progress=None
+) -> dict:
+    """Load one checkpoint and capture its units into ``store``; returns a summary dict.
+
+    ``inputs`` replaces ``task.inputs`` (Ray tasks get them from the object store, put once
+    for every checkpoint that shares them); ``progress(examples, rows)`` after each batch."""
     from repscope.store import hf
     from repscope.store.capture import require
 
@@ -348,8 +359,9 @@ def capture_checkpoint(store: ActivationStore, task: CheckpointTask, progress=No
     start = time.perf_counter()
     model = hf.load_model(task.checkpoint, device)
     loaded = time.perf_counter()
+    inputs = task.inputs if inputs is None else inputs
     infos = hf.capture_hidden_states(
-        model, task.checkpoint, task.inputs, store, list(task.units), pool=task.pool,
+        model, task.checkpoint, inputs, store, list(task.units), pool=task.pool,
         batch_size=task.batch_size, dtype=task.dtype, attributes=task.attributes,
         overwrite=True,  # planning decided which complete units may be replaced
         progress=progress,
@@ -360,11 +372,11 @@ def capture_checkpoint(store: ActivationStore, task: CheckpointTask, progress=No
         "checkpoint": task.checkpoint.path,
         "units": [info.layer for info in infos],
         "rows": infos[0].rows,
-        "tokens": task.inputs.tokens,
+        "tokens": inputs.tokens,
         "bytes": sum(info.nbytes for info in infos),
         "load_seconds": round(loaded - start, 3),
         "seconds": round(seconds, 3),
-        "tokens_per_second": round(task.inputs.tokens / seconds, 1) if seconds > 0 else None,
+        "tokens_per_second": round(inputs.tokens / seconds, 1) if seconds > 0 else None,
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
@@ -410,14 +422,21 @@ def _run_on_ray(plan: Plan, address: str | None, out: TextIO) -> tuple[list[dict
         parallel = 2 if embedded and len(plan.tasks) > 1 and 2 * largest <= memory else 1
         if not embedded:
             parallel = max(1, min(len(plan.tasks), cpus // 2))
-        threads = max(1, cpus // parallel)
+        largest_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+                            if n.get("Alive")), default=1)
+        threads = max(1, min(largest_node, cpus // parallel))
         options = {"num_cpus": threads}
     remote = _remote_capture()
     store_ref = ray.put(plan.store)
+    inputs_refs: dict[int, Any] = {}  # checkpoints that share a tokenizer share their inputs
     refs = {}
     for task in plan.tasks:
-        task = dataclasses.replace(task, threads=threads)
-        refs[remote.options(**options).remote(store_ref, task)] = task.checkpoint.model
+        key = id(task.inputs)
+        if key not in inputs_refs:
+            inputs_refs[key] = ray.put(task.inputs)
+        light = dataclasses.replace(task, threads=threads, inputs=None)
+        ref = remote.options(**options).remote(store_ref, light, inputs_refs[key])
+        refs[ref] = task.checkpoint.model
     results, failures = [], {}
     pending = list(refs)
     while pending:
@@ -477,7 +496,8 @@ def run_capture(
         bar = Progress(task.inputs.examples, label=f"capture {task.checkpoint.model}",
                        stream=out, unit="examples")
         try:
-            results.append(capture_checkpoint(plan.store, task, lambda n, rows: bar(n)))
+            results.append(capture_checkpoint(plan.store, task,
+                                              progress=lambda n, rows: bar(n)))
         finally:
             bar.close()
         _report(results[0], out)

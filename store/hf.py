@@ -165,6 +165,20 @@ def checkpoint_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# The files a tokenizer is made of (tokenizer.json, vocab.txt, merges.txt, spiece.model ...).
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "special_tokens*", "added_tokens*",
+                   "spiece*", "sentencepiece*")
+
+
+def tokenizer_digest(path: str | Path) -> str:
+    """Hex digest of a checkpoint's tokenizer files: equal digests tokenize alike."""
+    folder = Path(path).expanduser()
+    h = hashlib.blake2b(digest_size=16)
+    for file in sorted({p for pattern in TOKENIZER_FILES for p in folder.glob(pattern)}):
+        h.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def load_model(checkpoint: Checkpoint, device: Any) -> Any:
     """The checkpoint's model with its weights, float32, in eval mode, on ``device``."""
     transformers = require("transformers")

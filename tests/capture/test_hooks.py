@@ -245,7 +245,7 @@ sys.exit(main(["capture", {str(tmp_path / 's2.zarr')!r}, "m", "--hf", {str(tmp_p
                           timeout=120)
     assert "API: capture needs torch, which is not installed: pip install 'repscope[capture]'" \
         in proc.stdout
-    assert proc.stderr.strip() == ("repscope capture: error: capture needs transformers, which "
-                                   "is not installed: pip install 'repscope[capture]'")
+    assert proc.stderr.strip() == ("repscope capture: error: capture needs torch, which is not "
+                                   "installed: pip install 'repscope[capture]'")
     assert proc.returncode == 1
     assert not (tmp_path / "s2.zarr").exists()
