@@ -14,10 +14,15 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-pytest.importorskip("torch", reason="the capture extra (torch) is not installed: "
-                    "pip install 'repscope[capture]'")
+torch = pytest.importorskip("torch", reason="the capture extra (torch) is not installed: "
+                            "pip install 'repscope[capture]'")
 pytest.importorskip("transformers", reason="the capture extra (transformers) is not "
                     "installed: pip install 'repscope[capture]'")
+
+# Tiny models are all thread overhead: with two torch threads on a busy 2-core machine each op
+# waits for the other thread (10x slower). Captures in this process and the direct
+# computations they are checked against run single-threaded alike.
+torch.set_num_threads(1)
 
 WORDS = ("the a cat dog sat on mat ran fast slow big small red blue bird saw under over "
          "tree house end").split()
