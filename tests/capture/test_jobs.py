@@ -5,6 +5,7 @@ on the captured store, and the capture spec submitted through the Ray Jobs API."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -15,7 +16,7 @@ import xarray as xr
 from repscope.jobs.capture import load_capture_spec, prepare_submission
 from repscope.jobs.cli import main
 from repscope.store import ActivationStore
-from tests.capture.conftest import LINES, direct_hidden_states, make_checkpoint
+from tests.capture.conftest import LINES, direct_hidden_states
 
 
 def last_json(out: str) -> dict:
@@ -82,20 +83,19 @@ def test_checkpoints_as_ray_tasks_a_failure_a_rerun_and_a_job(
 
 
 def test_submitted_capture_killed_then_resubmitted_completes(ray_cluster, checkpoints,
-                                                             tmp_path):
+                                                             probes, tmp_path):
     """A capture spec through the Ray Jobs API. The first submission's driver is stopped
-    (SIGTERM, as a scheduler or a node drain would) once one checkpoint is complete; the
-    resubmitted spec keeps that checkpoint and captures the other."""
+    (SIGTERM, as a scheduler or a node drain would) once one checkpoint is complete and the
+    other's task is loading its weights; the resubmitted spec keeps the complete checkpoint
+    and captures the other."""
     from ray.job_submission import JobSubmissionClient
 
-    lines = LINES * 100
-    (tmp_path / "probes.txt").write_text("\n".join(lines) + "\n")
-    big = make_checkpoint(tmp_path / "big", 7, layers=4, hidden=128)
+    second = shutil.copytree(checkpoints["bert3"], tmp_path / "second")
     store_url = tmp_path / "acts.zarr"
     spec = tmp_path / "capture.yaml"
-    spec.write_text(f"store: {store_url}\ncheckpoints:\n  small: {checkpoints['seed0']}\n"
-                    f"  big: {big}\ntext: probes.txt\nlayers: [embeddings, layer2]\n")
-    assert load_capture_spec(spec).text == str(tmp_path / "probes.txt")  # the spec's folder
+    spec.write_text(f"store: {store_url}\ncheckpoints:\n  first: {checkpoints['seed0']}\n"
+                    f"  second: {second}\ntext: {probes.name}\n")
+    assert load_capture_spec(spec).text == str(probes)  # relative to the spec's folder
     client = JobSubmissionClient(ray_cluster.dashboard)
 
     def submit() -> str:
@@ -106,38 +106,44 @@ def test_submitted_capture_killed_then_resubmitted_completes(ray_cluster, checkp
         return client.submit_job(entrypoint=entrypoint,
                                  runtime_env={"working_dir": str(workdir)})
 
-    first = submit()
-    complete: list = []
+    job = submit()
     deadline = time.time() + 300
-    while not complete and time.time() < deadline:
-        if _status(client, first) in TERMINAL:
-            break
-        if (store_url / "zarr.json").exists():
-            complete = ActivationStore.open(str(store_url)).models()
-        time.sleep(0.05)
-    client.stop_job(first)
-    assert complete, f"no checkpoint completed: {client.get_job_logs(first)}"
-    while _status(client, first) not in TERMINAL:
-        time.sleep(0.2)
+    _wait(lambda: (store_url / "zarr.json").exists(), client, job, deadline)
+    # Planning is done (the store is created after it): the second checkpoint's weights
+    # become a pipe, so its task, which runs after the first on this 2-CPU cluster (two
+    # CPUs each), blocks when it opens them until the driver is gone.
+    weights = second / "model.safetensors"
+    weights.rename(tmp_path / "weights")
+    os.mkfifo(weights)
+    _wait(lambda: ActivationStore.open(str(store_url)).models(), client, job, deadline)
+    client.stop_job(job)
+    _wait(lambda: _status(client, job) in TERMINAL, client, None, deadline)
     _wait_for_tasks_to_end(ray_cluster)
-    done = ActivationStore.open(str(store_url)).models()
-    assert _status(client, first) == "STOPPED" and done == ["small"], done
-
-    second = submit()
-    while _status(client, second) not in TERMINAL:
-        assert time.time() < deadline, "the resubmitted capture did not finish"
-        time.sleep(0.5)
-    logs = client.get_job_logs(second)
-    assert _status(client, second) == "SUCCEEDED", logs
-    summary = last_json(logs)
-    assert summary["skipped"] == ["small"] and [c["model"] for c in summary["captured"]] == [
-        "big"]
+    weights.unlink()
+    (tmp_path / "weights").rename(weights)
+    assert _status(client, job) == "STOPPED"
     store = ActivationStore.open(str(store_url))
-    assert store.units() == [("big", "embeddings"), ("big", "layer2"),
-                             ("small", "embeddings"), ("small", "layer2")]
-    expected = direct_hidden_states(big, lines, 32, threads=threads_of(summary)["big"])
-    for unit in ("embeddings", "layer2"):
-        np.testing.assert_array_equal(store.read("big", unit), expected[unit])
+    assert store.models() == ["first"] and len(store.layers("first")) == 3
+
+    job = submit()
+    _wait(lambda: _status(client, job) in TERMINAL, client, None, deadline)
+    logs = client.get_job_logs(job)
+    assert _status(client, job) == "SUCCEEDED", logs
+    summary = last_json(logs)
+    assert summary["skipped"] == ["first"]
+    assert [c["model"] for c in summary["captured"]] == ["second"]
+    store.refresh()
+    assert store.models() == ["first", "second"]
+    assert_hidden_states(store, "second", second, threads_of(summary)["second"])
+
+
+def _wait(condition, client, job, deadline: float) -> None:
+    """Poll ``condition`` until it holds; fail at the deadline or when ``job`` has ended."""
+    while not condition():
+        if job is not None and _status(client, job) in TERMINAL:
+            raise AssertionError(f"the job ended first: {client.get_job_logs(job)}")
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
