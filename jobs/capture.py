@@ -1,30 +1,14 @@
 """`repscope capture`: checkpoints to an activation store, one Ray task per checkpoint.
 
-A capture spec (or the command line) names the store, the checkpoints and the inputs:
-
-```yaml
-store: acts.zarr                  # required: a store URL (created if missing)
-checkpoints:                      # required: model name -> checkpoint folder
-  bert-seed1: ckpts/seed1         #   (or a list of folders, each named by its folder)
-  bert-seed2: ckpts/seed2
-text: probes.txt                  # one example per line; or ids: probes.npz (input_ids,
-                                  #   attention_mask, optional token_type_ids)
-layers: [embeddings, layer6]      # optional, default: every hidden state
-pool: none                        # none (token rows) | mean | first | last
-max_length: 128                   # optional, default: the shortest maximum of the models
-batch_size: 32
-device: auto                      # auto | cpu | cuda
-dtype: float32                    # storage dtype: float32 | float16
-storage_options: {}               # fsspec options for the store
-```
-
-Relative paths are relative to the spec's folder. Everything is checked on the driver before
-any work: every checkpoint is a model, the inputs are not empty, every layer exists, every
-tokenizer gives the same tokens (else rows would not align), the store's rows match. Each
-unit records its checkpoint and inputs digests (unit attribute ``capture``); a rerun skips
-units complete for the same checkpoint, inputs and pool, and captures the rest. Checkpoints
-run as Ray tasks (one GPU each when the cluster has GPUs; on the embedded default one or two
-at a time, by memory); a failed checkpoint is reported and the others' units are kept.
+The command line or a capture spec (jobs/capture_spec.py) names the store, the checkpoints
+and the inputs. Everything is checked on the driver before any work: every checkpoint is a
+model, the inputs are not empty, every layer exists, every tokenizer gives the same tokens
+(else rows would not align), the store's rows match. Each unit records its checkpoint and
+inputs digests (unit attribute ``capture``); a rerun skips units complete for the same
+checkpoint, inputs and pool, and captures the rest. Two or more checkpoints run as Ray tasks
+(one GPU each when the cluster has GPUs; on the embedded default one or two at a time, by
+memory); a failed checkpoint is reported and the others' units are kept. The work of one
+checkpoint (:func:`capture_checkpoint`) is plain code, run in this process or as a task.
 """
 
 from __future__ import annotations
@@ -36,147 +20,22 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
 from repscope import __version__
-from repscope.errors import InputError, NotFoundError, RepscopeError, SpecError
-from repscope.jobs.spec import closest
+from repscope.errors import InputError, NotFoundError, RepscopeError
+from repscope.jobs.capture_spec import DEVICES, CaptureSpec, load_capture_spec, spec_from_dict
 from repscope.store.activation_store import ActivationStore
 from repscope.store.capture import POOLS, check_pool
 from repscope.store.cli import parse_storage_options, storage_option_arg
 from repscope.store.layout import STORAGE_DTYPES, format_bytes
-from repscope.store.validate import check_name, where
+from repscope.store.validate import where
 
-SPEC_KEYS = ("store", "checkpoints", "text", "ids", "layers", "pool", "max_length",
-             "batch_size", "device", "dtype", "storage_options")
-DEVICES = ("auto", "cpu", "cuda")
 TASK_RETRIES = 1  # a worker lost to a node failure or OOM kill; our own errors never retry
-
-
-@dataclass(frozen=True)
-class CaptureSpec:
-    """A parsed capture spec: which checkpoints, which inputs, into which store."""
-
-    store: str
-    checkpoints: tuple[tuple[str, str], ...]  # (model name, checkpoint folder)
-    text: str | None = None
-    ids: str | None = None
-    layers: tuple[str, ...] | None = None
-    pool: str = "none"
-    max_length: int | None = None
-    batch_size: int = 32
-    device: str = "auto"
-    dtype: str = "float32"
-    storage_options: dict[str, Any] = field(default_factory=dict)
-
-
-def _positive(value: Any, key: str, source: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecError(f"{source}: {key} must be a positive integer, got {value!r}")
-    return value
-
-
-def _choice(value: Any, key: str, choices: tuple[str, ...], source: str) -> str:
-    if value not in choices:
-        raise SpecError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _checkpoints(value: Any, source: str, base: Path) -> tuple[tuple[str, str], ...]:
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, list):
-        pairs = [(Path(str(p)).name, str(p)) for p in value]
-    elif isinstance(value, dict):
-        pairs = [(str(name), str(path)) for name, path in value.items()]
-    else:
-        raise SpecError(f"{source}: checkpoints must map model names to checkpoint folders")
-    if not pairs:
-        raise SpecError(f"{source}: checkpoints is empty")
-    seen: set[str] = set()
-    for name, _ in pairs:
-        try:
-            check_name("model", name)
-        except InputError as exc:
-            raise SpecError(f"{source}: checkpoints: {exc}") from None
-        if name in seen:
-            raise SpecError(f"{source}: checkpoints name model {name!r} twice")
-        seen.add(name)
-    return tuple((name, str(base / Path(path).expanduser())) for name, path in pairs)
-
-
-def spec_from_dict(
-    raw: Any, source: str = "<capture spec>", base: Path | None = None
-) -> CaptureSpec:
-    """Check a capture spec given as plain data; relative paths are taken from ``base``."""
-    base = base or Path(".")
-    if not isinstance(raw, dict):
-        raise SpecError(f"{source}: a capture spec is a mapping of keys {', '.join(SPEC_KEYS)}")
-    for key in raw:
-        if key not in SPEC_KEYS:
-            raise SpecError(f"{source}: unknown key {key!r}{closest(key, SPEC_KEYS)}")
-    for key in ("store", "checkpoints"):
-        if raw.get(key) in (None, "", [], {}):
-            raise SpecError(f"{source}: missing required key {key!r}")
-    if (raw.get("text") is None) == (raw.get("ids") is None):
-        raise SpecError(f"{source}: give exactly one of text (one example per line) or ids "
-                        "(an .npz of input_ids and attention_mask)")
-    store = str(raw["store"])
-    if "://" not in store:
-        store = str(base / Path(store).expanduser())
-    layers = raw.get("layers")
-    if layers is not None:
-        if isinstance(layers, str):
-            layers = [layers]
-        if not isinstance(layers, list) or not layers or not all(
-                isinstance(n, str) for n in layers):
-            raise SpecError(f"{source}: layers must be a non-empty list of layer names")
-        if len(set(layers)) != len(layers):
-            raise SpecError(f"{source}: layers lists a layer more than once")
-    options = raw.get("storage_options") or {}
-    if not isinstance(options, dict):
-        raise SpecError(f"{source}: storage_options must be a mapping")
-    max_length = raw.get("max_length")
-    return CaptureSpec(
-        store=store,
-        checkpoints=_checkpoints(raw["checkpoints"], source, base),
-        text=None if raw.get("text") is None else str(base / Path(str(raw["text"])).expanduser()),
-        ids=None if raw.get("ids") is None else str(base / Path(str(raw["ids"])).expanduser()),
-        layers=None if layers is None else tuple(layers),
-        pool=_choice(raw.get("pool", "none"), "pool", POOLS, source),
-        max_length=None if max_length is None else _positive(max_length, "max_length", source),
-        batch_size=_positive(raw.get("batch_size", 32), "batch_size", source),
-        device=_choice(raw.get("device", "auto"), "device", DEVICES, source),
-        dtype=_choice(raw.get("dtype", "float32"), "dtype", STORAGE_DTYPES, source),
-        storage_options=dict(options),
-    )
-
-
-def read_spec_file(path: str | Path) -> Any:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise NotFoundError(f"capture spec {str(path)!r} does not exist")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"{path}: malformed YAML: {problem}") from None
-
-
-def load_capture_spec(path: str | Path) -> CaptureSpec:
-    """Read and check a capture spec file (YAML)."""
-    path = Path(path).expanduser()
-    return spec_from_dict(read_spec_file(path), str(path), path.resolve().parent)
-
-
-def is_capture_spec(path: str | Path) -> bool:
-    """True for a capture spec (it lists checkpoints), False for a job spec."""
-    raw = read_spec_file(path)
-    return isinstance(raw, dict) and "checkpoints" in raw
 
 
 # -- planning: everything checked before any work -------------------------------------------
@@ -243,16 +102,10 @@ def _memory_estimate(checkpoint: Any, inputs: Any, units: int, spec: CaptureSpec
     return 2 * weights + 4 * batch + units * shard + (1 << 30)
 
 
-def plan_capture(spec: CaptureSpec, *, overwrite: bool = False, warn=None) -> Plan:
-    """Check everything and decide what each checkpoint captures; nothing is written."""
+def _max_length(spec: CaptureSpec, checkpoints: list, tokenizers: dict) -> int | None:
+    """Tokens per example: the spec's, or the shortest maximum of the checkpoints."""
     from repscope.store import hf
 
-    warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
-    check_pool(spec.pool)
-    checkpoints = [hf.inspect_checkpoint(path, model) for model, path in spec.checkpoints]
-    units = {c.model: c.check_units(list(spec.layers or c.units)) for c in checkpoints}
-
-    tokenizers = {c.model: hf.load_tokenizer(c) for c in checkpoints} if spec.text else {}
     limits = {c.model: hf.max_length_for(c, tokenizers.get(c.model)) for c in checkpoints}
     for c in checkpoints:
         limit = limits[c.model]
@@ -260,35 +113,44 @@ def plan_capture(spec: CaptureSpec, *, overwrite: bool = False, warn=None) -> Pl
             raise InputError(f"{where(c.model)} (checkpoint {c.path}): max_length "
                              f"{spec.max_length} is longer than the {limit} tokens it takes")
     known = [limit for limit in limits.values() if limit is not None]
-    max_length = spec.max_length or (min(known) if known else None)
+    return spec.max_length or (min(known) if known else None)
 
-    if spec.text:
-        texts, lines = hf.read_text(spec.text)
-        warned: set[str] = set()
 
-        def warn_once(text: str) -> None:
-            if text not in warned:
-                warned.add(text)
-                warn(text)
+def _inputs(spec: CaptureSpec, checkpoints: list, warn) -> dict[str, Any]:
+    """{model: TokenInputs}: the text tokenized once per distinct tokenizer, or the ids."""
+    from repscope.store import hf
 
-        by_tokenizer: dict[str, Any] = {}
-        inputs = {}
-        for c in checkpoints:
-            key = hf.tokenizer_digest(c.path)
-            if key not in by_tokenizer:
-                by_tokenizer[key] = hf.tokenize(tokenizers[c.model], texts, lines, spec.text,
-                                                max_length or (1 << 62), warn_once)
-            inputs[c.model] = by_tokenizer[key]
-    else:
+    if spec.ids:
+        _max_length(spec, checkpoints, {})  # refuses a max_length longer than a model takes
         shared = hf.read_ids(spec.ids)
-        inputs = {c.model: shared for c in checkpoints}
         if spec.max_length is not None and shared.longest > spec.max_length:
             raise InputError(f"{shared.source}: examples have up to {shared.longest} tokens, "
                              f"longer than max_length {spec.max_length}: shorten them")
-    for c in checkpoints:
-        hf.check_inputs(c, inputs[c.model])
+        return {c.model: shared for c in checkpoints}
+    tokenizers = {c.model: hf.load_tokenizer(c) for c in checkpoints}
+    max_length = _max_length(spec, checkpoints, tokenizers)
+    texts, lines = hf.read_text(spec.text)
+    warned: set[str] = set()
 
-    # Rows must align: every checkpoint's tokens the same, and the same as the store's.
+    def warn_once(text: str) -> None:
+        if text not in warned:
+            warned.add(text)
+            warn(text)
+
+    by_tokenizer: dict[str, Any] = {}
+    inputs = {}
+    for c in checkpoints:
+        key = hf.tokenizer_digest(c.path)
+        if key not in by_tokenizer:
+            by_tokenizer[key] = hf.tokenize(tokenizers[c.model], texts, lines, spec.text,
+                                            max_length or (1 << 62), warn_once)
+        inputs[c.model] = by_tokenizer[key]
+    return inputs
+
+
+def _check_rows(spec: CaptureSpec, checkpoints: list, inputs: dict,
+                store: ActivationStore | None) -> None:
+    """Every checkpoint's tokens the same, and the same rows as the store's units."""
     first = checkpoints[0]
     rows = inputs[first.model].row_fingerprint(spec.pool)
     for c in checkpoints[1:]:
@@ -299,7 +161,6 @@ def plan_capture(spec: CaptureSpec, *, overwrite: bool = False, warn=None) -> Pl
                 f"than that of {first.model!r} ({difference}): rows would not align; capture "
                 "it into another store"
             )
-    store = _open_store(spec)
     if store is not None and store.units() and store.row_fingerprint != rows:
         raise InputError(
             f"{where(first.model)}: these inputs ({spec.text or spec.ids}, pool {spec.pool}) give "
@@ -308,31 +169,54 @@ def plan_capture(spec: CaptureSpec, *, overwrite: bool = False, warn=None) -> Pl
             "tokenizer or pool; capture into another store"
         )
 
-    tasks, skipped = [], []
+
+def _todo(store: ActivationStore | None, checkpoint: Any, units: list[str], inputs: Any,
+          spec: CaptureSpec, overwrite: bool) -> dict[str, dict]:
+    """{unit: attributes to record} for the units of a checkpoint that need capturing:
+    absent or incomplete, or complete from another checkpoint or inputs (with overwrite)."""
+    from repscope.store import hf
+
+    digest = hf.checkpoint_digest(checkpoint.path)
     existing = set(store.units()) if store is not None else set()
+    todo = {}
+    for unit in units:
+        wanted = _provenance(digest, inputs, spec.pool, unit, checkpoint.units)
+        if (checkpoint.model, unit) in existing:
+            info = store.unit_info(checkpoint.model, unit)
+            why = _differs(store.unit_attributes(checkpoint.model, unit).get("capture"),
+                           wanted["capture"])
+            if why is None and info.dtype != spec.dtype:
+                why = f"is stored as {info.dtype}"
+            if why is None:
+                continue  # complete, same checkpoint and inputs: nothing to do
+            if not overwrite:
+                raise InputError(f"{where(checkpoint.model, unit)}: unit already exists in "
+                                 f"store {store.url} and {why}; pass --overwrite to replace it")
+        todo[unit] = wanted
+    return todo
+
+
+def plan_capture(spec: CaptureSpec, *, overwrite: bool = False, warn=None) -> Plan:
+    """Check everything and decide what each checkpoint captures; nothing is written."""
+    from repscope.store import hf
+
+    warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+    check_pool(spec.pool)
+    checkpoints = [hf.inspect_checkpoint(path, model) for model, path in spec.checkpoints]
+    units = {c.model: c.check_units(list(spec.layers or c.units)) for c in checkpoints}
+    inputs = _inputs(spec, checkpoints, warn)
     for c in checkpoints:
-        digest = hf.checkpoint_digest(c.path)
-        todo, attributes = [], {}
-        for unit in units[c.model]:
-            wanted = _provenance(digest, inputs[c.model], spec.pool, unit, c.units)
-            if (c.model, unit) in existing:
-                why = _differs(store.unit_attributes(c.model, unit).get("capture"),
-                               wanted["capture"])
-                if why is None and store.unit_info(c.model, unit).dtype == spec.dtype:
-                    continue  # complete, same checkpoint and inputs: nothing to do
-                if not overwrite:
-                    raise InputError(
-                        f"{where(c.model, unit)}: unit already exists in store {store.url} and "
-                        f"{why or 'is stored as ' + store.unit_info(c.model, unit).dtype}; "
-                        "pass --overwrite to replace it"
-                    )
-            todo.append(unit)
-            attributes[unit] = wanted
+        hf.check_inputs(c, inputs[c.model])
+    store = _open_store(spec)
+    _check_rows(spec, checkpoints, inputs, store)
+    tasks, skipped = [], []
+    for c in checkpoints:
+        todo = _todo(store, c, units[c.model], inputs[c.model], spec, overwrite)
         if not todo:
             skipped.append(c.model)
             continue
         tasks.append(CheckpointTask(
-            checkpoint=c, inputs=inputs[c.model], units=tuple(todo), attributes=attributes,
+            checkpoint=c, inputs=inputs[c.model], units=tuple(todo), attributes=todo,
             pool=spec.pool, batch_size=spec.batch_size, dtype=spec.dtype, device=spec.device,
             memory=_memory_estimate(c, inputs[c.model], len(todo), spec),
         ))

@@ -13,7 +13,8 @@ import numpy as np
 import psutil
 import xarray as xr
 
-from repscope.jobs.capture import load_capture_spec, prepare_submission
+from repscope.jobs.capture import prepare_submission
+from repscope.jobs.capture_spec import load_capture_spec
 from repscope.jobs.cli import main
 from repscope.store import ActivationStore
 from tests.capture.conftest import LINES, direct_hidden_states
