@@ -466,9 +466,8 @@ def _cmd_capture(args) -> int:
     try:
         summary = run_capture(spec, address=args.address, overwrite=args.overwrite)
     finally:
-        import ray
-
-        if ray.is_initialized():
+        ray = sys.modules.get("ray")  # imported only when checkpoints ran as tasks
+        if ray is not None and ray.is_initialized():
             ray.shutdown()
         sys.stdout = real_stdout
     if args.json:

@@ -37,6 +37,7 @@ from repscope.store.capture import (
     UnitStreams,
     check_pool,
     require,
+    trim,
 )
 from repscope.store.validate import where
 
@@ -280,7 +281,7 @@ class TokenInputs:
         """The store's row fingerprint once these inputs are captured with ``pool``."""
         if pool != "none":
             return layout.row_fingerprint(self.examples, self.example_ids)
-        mask = ~self.keep[:, : self.input_ids.shape[1]]
+        mask = ~trim(self.keep)  # as the writer records it: no all-padding columns at the end
         example = np.repeat(np.arange(self.examples, dtype=np.int64), self.keep.sum(axis=1))
         return layout.row_fingerprint(self.tokens, self.example_ids, example, mask)
 
@@ -319,13 +320,19 @@ def read_text(path: str | Path) -> tuple[list[str], np.ndarray]:
     except UnicodeDecodeError as exc:
         raise InputError(f"text file {file} is not UTF-8 (byte {exc.start})") from None
     examples, lines = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only: splitlines() would also split at form feeds and U+2028, and
+    # then example numbers would not be the lines an editor shows.
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if line.strip():
             examples.append(line)
             lines.append(number)
     if not examples:
         raise InputError(f"text file {file} holds no examples (one example per line)")
     return examples, np.array(lines, dtype=np.int64)
+
+
+_TOKENIZE_CHUNK = 8192  # examples tokenized at a time: Python lists of ints are ~30 B a token
 
 
 def tokenize(
@@ -338,30 +345,48 @@ def tokenize(
 ) -> TokenInputs:
     """Tokenize ``texts`` (special tokens added), truncating what is longer than
     ``max_length`` tokens with one warning that says how many and which first."""
+    chunks, truncated = [], []
     with quiet_transformers():
-        encoded = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        long = [i for i, ids in enumerate(encoded) if len(ids) > max_length]
-        if long:
-            again = tokenizer([texts[i] for i in long], add_special_tokens=True,
-                              truncation=True, max_length=max_length)["input_ids"]
-            first = len(encoded[long[0]])
-            for i, ids in zip(long, again, strict=True):
-                encoded[i] = ids
-            message = (f"{len(long)} of {len(texts)} examples of {source} are longer than "
-                       f"{max_length} tokens and were truncated (first: line {lines[long[0]]}, "
-                       f"{first} tokens)")
-            (warn or (lambda text: warnings.warn(text, stacklevel=3)))(message)
+        for start in range(0, len(texts), _TOKENIZE_CHUNK):
+            part = texts[start : start + _TOKENIZE_CHUNK]
+            encoded = tokenizer(part, add_special_tokens=True, truncation=False)["input_ids"]
+            long = [i for i, ids in enumerate(encoded) if len(ids) > max_length]
+            if long:
+                truncated += [(start + i, len(encoded[i])) for i in long]
+                again = tokenizer([part[i] for i in long], add_special_tokens=True,
+                                  truncation=True, max_length=max_length)["input_ids"]
+                for i, ids in zip(long, again, strict=True):
+                    encoded[i] = ids
+            chunks.append(_padded(encoded, getattr(tokenizer, "pad_token_id", None) or 0,
+                                  lines[start : start + _TOKENIZE_CHUNK], source))
+    if truncated:
+        first, length = truncated[0]
+        message = (f"{len(truncated)} of {len(texts)} examples of {source} are longer than "
+                   f"{max_length} tokens and were truncated (first: line {lines[first]}, "
+                   f"{length} tokens)")
+        (warn or (lambda text: warnings.warn(text, stacklevel=3)))(message)
+    width = max(ids.shape[1] for ids, _ in chunks)
+    input_ids = np.zeros((len(texts), width), dtype=np.int64)
+    keep = np.zeros((len(texts), width), dtype=bool)
+    start = 0
+    for ids, kept in chunks:
+        input_ids[start : start + len(ids), : ids.shape[1]] = ids
+        keep[start : start + len(ids), : ids.shape[1]] = kept
+        start += len(ids)
+    return TokenInputs(input_ids, keep, source, lines=lines)
+
+
+def _padded(encoded: list[list[int]], pad: int, lines: np.ndarray, source: str):
+    """(input_ids, keep) arrays of token lists, right-padded to the longest."""
     width = max(len(ids) for ids in encoded)
-    input_ids = np.zeros((len(encoded), width), dtype=np.int64)
+    input_ids = np.full((len(encoded), width), pad, dtype=np.int64)
     keep = np.zeros((len(encoded), width), dtype=bool)
-    pad = getattr(tokenizer, "pad_token_id", None) or 0
-    input_ids[:] = pad
     for i, ids in enumerate(encoded):
         if not ids:
             raise InputError(f"line {lines[i]} of {source}: the tokenizer gives no tokens")
         input_ids[i, : len(ids)] = ids
         keep[i, : len(ids)] = True
-    return TokenInputs(input_ids, keep, source, lines=lines)
+    return input_ids, keep
 
 
 def read_ids(path: str | Path) -> TokenInputs:

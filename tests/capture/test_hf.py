@@ -72,6 +72,9 @@ def test_pre_tokenized_ids_give_the_same_rows_as_text(checkpoints, probes, tmp_p
     assert from_ids.row_fingerprint == from_text.row_fingerprint
     for unit in ("embeddings", "layer2"):
         np.testing.assert_array_equal(from_ids.read("m", unit), from_text.read("m", unit))
+    # So a model captured from the padded ids joins the store captured from the text.
+    assert capture(tmp_path / "text.zarr", "m2", "--hf", checkpoints["seed1"],
+                   "--ids", tmp_path / "ids.npz") == 0
 
 
 def test_layers_subset_and_a_module_path(checkpoints, probes, tmp_path):
