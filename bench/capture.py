@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             text = root / f"probes-{scale}x.txt"
             write_text(text, args.examples * scale)
             result = run(checkpoint, text, root / f"acts-{scale}x.zarr")
-            result["forward_tokens_per_second"] = round(forward_only(checkpoint, text), 1)
+            if not rows:  # the forward passes' rate does not depend on the scale: once
+                forward = round(forward_only(checkpoint, text), 1)
+            result["forward_tokens_per_second"] = forward
             rows.append({"scale": scale, "examples": args.examples * scale, **result})
             print(f"{scale:>3}x: {args.examples * scale:>7,} examples, {result['tokens']:>10,} "
                   f"tokens, capture {result['seconds']:7.1f} s, "
