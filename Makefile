@@ -10,8 +10,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# torch first, pinned to the CPU wheel this machine keeps on disk (PIP_FIND_LINKS): the
+# capture extra admits any torch>=2.4, and left to itself pip takes a CUDA build (~5 GB).
+TORCH ?= torch==2.13.0
+
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[test,s3]'
+	$(BIN)/python -m pip install -q '$(TORCH)'
+	$(BIN)/python -m pip install -q -e '.[test,s3,capture]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,7 +17,7 @@ from repscope.errors import RepscopeError
 
 # Modules that define subcommands: each has register(subparsers) -> None, and every parser
 # it adds sets `func=callable(args) -> int`.
-_COMMAND_MODULES = ("repscope.store.cli", "repscope.jobs.commands")
+_COMMAND_MODULES = ("repscope.store.cli", "repscope.jobs.capture", "repscope.jobs.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -319,6 +319,10 @@ class ActivationStore:
             version=opened.entry.version,
         )
 
+    def unit_attributes(self, model: str, layer: str, *, version: str | None = None) -> dict:
+        """The ``attributes`` its writer recorded with a complete unit ({} if none)."""
+        return dict(self._open(model, layer, version).array.attrs.get("attributes") or {})
+
     def read(
         self,
         model: str,

@@ -10,13 +10,15 @@ writer leaves an unfinished version that nobody reads and that the next ingest o
 removes.
 
 Memory: one shard buffer (``shard_bytes``) in storage dtype, plus the batch being appended
-and the encoded shard while it is written; never the whole unit.
+and the encoded shard while it is written; never the whole unit. Token writers also keep
+the (examples, tokens) padding mask, one byte per position.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ from repscope.store.hints import setting
 from repscope.store.rows import RowSet
 from repscope.store.validate import (
     check_name,
+    check_padding_mask,
     check_row_ids,
     check_source_dtype,
     check_storage_dtype,
@@ -56,6 +59,16 @@ class UnitWriter:
     ``overwrite`` replaces an existing unit: readers keep reading the old version until the
     new one is published, and jobs that pinned it keep it for
     :data:`~repscope.store.layout.SUPERSEDED_GRACE_S` seconds.
+
+    Token activations stream too: append (examples, tokens, features) batches with their
+    ``padding_mask`` and every unpadded token becomes a row, example by example, position by
+    position; the row -> example map and the padding mask are recorded as :func:`ingest_array`
+    records them for 3-D input (batches narrower than the widest are padded in the mask).
+    ``example_ids`` (optional, one per example) identify the examples of such a writer.
+
+    ``attributes`` (optional, JSON-serialisable) are recorded with the unit, for the program
+    that wrote it (provenance such as a checkpoint digest); read them back with
+    :meth:`ActivationStore.unit_attributes`.
     """
 
     def __init__(
@@ -71,6 +84,8 @@ class UnitWriter:
         overwrite: bool = False,
         rows: int | None = None,
         row_ids: Any = None,
+        example_ids: Any = None,
+        attributes: Mapping[str, Any] | None = None,
         _row_set: RowSet | None = None,
         _source: object | None = None,
         _source_dtype: str | None = None,
@@ -98,6 +113,18 @@ class UnitWriter:
             self._expected_rows = n
         if self._row_set is not None:
             self._expected_rows = self._row_set.n_rows
+        if example_ids is not None and self._row_set is not None:
+            raise InputError(f"{self._ctx}: give row_ids or example_ids, not both")
+        self._example_ids = (
+            None
+            if example_ids is None
+            else check_row_ids(example_ids, np.shape(example_ids)[0], "examples", self._ctx)
+        )
+        self._attributes = _checked_attributes(attributes, self._ctx)
+        # Token writers: None until the first batch says; then the (examples, tokens) keep
+        # mask (True = a row) of every token batch, in order.
+        self._tokens: bool | None = None
+        self._keeps: list[np.ndarray] = []
 
         catalog = self._catalog
         catalog.check_writable(self._ctx)
@@ -128,28 +155,83 @@ class UnitWriter:
 
     # -- appending ----------------------------------------------------------------------
 
-    def append(self, batch: Any, *, _describe: Callable[[int], str] | None = None) -> None:
-        """Append a (batch_rows, features) batch: checked for NaN/Inf, converted, buffered.
+    def append(
+        self,
+        batch: Any,
+        *,
+        padding_mask: Any = None,
+        _describe: Callable[[int], str] | None = None,
+    ) -> None:
+        """Append a batch: checked for NaN/Inf, converted, buffered.
 
+        ``batch``: (batch_rows, features) rows, or (examples, tokens, features) token
+        activations with ``padding_mask`` ((examples, tokens) bool, True = padding; default
+        none), whose unpadded tokens become rows. Every batch of a writer is of one kind.
         A refused batch aborts the writer (a unit with a missing batch would be misaligned),
         so the unit stays invisible.
         """
         if self._done:
             raise InputError(f"{self._ctx}: writer is closed")
         try:
-            self._add(self._checked(batch, _describe))
+            self._add(self._checked(batch, padding_mask, _describe))
         except BaseException:
             self.abort()
             raise
 
-    def _checked(self, batch: Any, describe: Callable[[int], str] | None) -> np.ndarray:
+    def _token_rows(
+        self, arr: np.ndarray, padding_mask: Any
+    ) -> tuple[np.ndarray, Callable[[int], str]]:
+        """The kept tokens of an (examples, tokens, features) batch as (rows, features)."""
+        examples, tokens, features = arr.shape
+        if self._tokens is False or self._row_set is not None:
+            raise InputError(
+                f"{self._ctx}: token batch of shape {arr.shape} after 2-D rows; every batch "
+                "of a unit is (rows, features) or every batch (examples, tokens, features)"
+            )
+        if padding_mask is None:
+            keep = np.ones((examples, tokens), bool)
+        else:
+            keep = ~check_padding_mask(padding_mask, examples, tokens, self._ctx)
+        self._tokens = True
+        kept = np.flatnonzero(keep.reshape(-1))
+        first_example = sum(k.shape[0] for k in self._keeps)
+        offset = self._written + self._filled
+        if examples:
+            self._keeps.append(keep)
+
+        def describe(i: int) -> str:
+            example, token = divmod(int(kept[i]), tokens)
+            return f"row {offset + i} (example {first_example + example}, token {token})"
+
+        flat = arr.reshape(examples * tokens, features)
+        return (flat if kept.size == flat.shape[0] else flat[kept]), describe
+
+    def _checked(
+        self, batch: Any, padding_mask: Any, describe: Callable[[int], str] | None
+    ) -> np.ndarray:
         """``batch`` validated against earlier batches and the store, in storage dtype."""
         arr = batch if isinstance(batch, np.ndarray) else _to_numpy(batch)
         source_dtype = check_source_dtype(arr.dtype, self._ctx)
-        if arr.ndim != 2:
+        if arr.ndim == 3:
+            arr, describe = self._token_rows(arr, padding_mask)
+        elif padding_mask is not None:
+            raise InputError(f"{self._ctx}: padding_mask applies to 3-D (examples, tokens, ...) "
+                             "batches")
+        elif arr.ndim != 2:
             raise InputError(
-                f"{self._ctx}: batch of shape {arr.shape} is not 2-D (batch_rows, features)"
+                f"{self._ctx}: batch of shape {arr.shape} is not 2-D (batch_rows, features) "
+                "or 3-D (examples, tokens, features)"
             )
+        elif self._tokens:
+            raise InputError(
+                f"{self._ctx}: 2-D batch of shape {arr.shape} after token batches; every "
+                "batch of a unit is (rows, features) or every batch (examples, tokens, features)"
+            )
+        else:
+            if self._example_ids is not None:
+                raise InputError(f"{self._ctx}: example_ids apply to token (3-D) batches; "
+                                 "pass row_ids for 2-D rows")
+            self._tokens = False
         if self.features is None:
             if arr.shape[1] == 0:
                 raise InputError(f"{self._ctx}: batch of shape {arr.shape} has no features")
@@ -268,7 +350,7 @@ class UnitWriter:
                 raise InputError(
                     f"{self._ctx}: {total} rows written, but {self._expected_rows} expected"
                 )
-            rows = self._row_set or RowSet(n_rows=total)
+            rows = self._row_set or self._token_row_set(total) or RowSet(n_rows=total)
             with self._catalog.errors():
                 if self._array.shape[0] != total:
                     self._array.resize((total, self.features))
@@ -280,6 +362,7 @@ class UnitWriter:
                         "source_dtype": self._recorded_source_dtype or self.source_dtype,
                         "fingerprint": self._hash.hexdigest(),
                         "row_fingerprint": rows.fingerprint,
+                        **({"attributes": self._attributes} if self._attributes else {}),
                     }
                 )
             self._catalog.publish(self.model, self.layer, self._version, rows, self._ctx)
@@ -288,6 +371,32 @@ class UnitWriter:
             raise
         self._done = True
         return self._store.unit_info(self.model, self.layer)
+
+    def _token_row_set(self, total: int) -> RowSet | None:
+        """The rows of a token writer: example map and padding mask; None for 2-D writers."""
+        if not self._tokens:
+            return None
+        examples = sum(k.shape[0] for k in self._keeps)
+        width = max(k.shape[1] for k in self._keeps)
+        mask = np.ones((examples, width), bool)
+        start = 0
+        for keep in self._keeps:
+            mask[start : start + keep.shape[0], : keep.shape[1]] = ~keep
+            start += keep.shape[0]
+        self._keeps = []
+        ids = self._example_ids
+        if ids is not None and ids.shape[0] != examples:
+            raise InputError(
+                f"{self._ctx}: {ids.shape[0]} example_ids given, but {examples} examples "
+                "were appended"
+            )
+        return RowSet(
+            n_rows=total,
+            ids=ids,
+            ids_level="example",
+            example=np.repeat(np.arange(examples, dtype=np.int64), (~mask).sum(axis=1)),
+            mask=mask,
+        )
 
     def abort(self) -> None:
         """Discard everything written; the unit stays as it was (its new version is removed)."""
@@ -322,6 +431,16 @@ class UnitWriter:
                 UnclosedWriterWarning,
                 stacklevel=2,
             )
+
+
+def _checked_attributes(attributes: Mapping[str, Any] | None, ctx: str) -> dict | None:
+    """``attributes`` as a plain dict that survives JSON (Zarr stores attributes as JSON)."""
+    if attributes is None:
+        return None
+    try:
+        return json.loads(json.dumps(dict(attributes), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{ctx}: attributes must be JSON-serialisable: {exc}") from None
 
 
 def _to_numpy(obj: Any) -> np.ndarray:
