@@ -59,16 +59,21 @@ def submit(
     overwrite: bool = False,
     nightly: bool = False,
 ) -> str:
-    """Submit `repscope run` (or `repscope nightly`) of a spec file; returns the submission id.
+    """Submit `repscope run` (or `repscope nightly`) of a job spec, or `repscope capture` of a
+    capture spec (one that lists checkpoints); returns the submission id.
 
     An explicit submission_id makes submission idempotent: if a job with that id exists
     already, its id is returned and nothing new is submitted (safe for schedulers).
     """
+    from repscope.jobs.capture_spec import is_capture_spec
     from repscope.jobs.spec import load_spec
 
     spec_path = Path(spec_path)
-    spec = load_spec(spec_path)  # refuse a bad spec here, not on the cluster
-    text = cluster_spec_text(spec_path, spec)
+    capture = is_capture_spec(spec_path)
+    if capture and nightly:
+        raise InputError(f"{spec_path} is a capture spec: --nightly applies to job specs")
+    # Refuse a bad spec here, not on the cluster.
+    text = None if capture else cluster_spec_text(spec_path, load_spec(spec_path))
     if submission_id is not None and not _SUBMISSION_ID.match(submission_id):
         raise InputError(f"submission id {submission_id!r} may hold only letters, digits, _ . -")
     c = client(address)
@@ -80,9 +85,15 @@ def submit(
             pass  # no such job yet
     workdir = Path(tempfile.mkdtemp(prefix="repscope-submit-"))
     try:
-        (workdir / "spec.yaml").write_text(text)
-        command = "nightly" if nightly else "run"
-        entrypoint = f"repscope {command} spec.yaml --json" + (" --overwrite" if overwrite else "")
+        if capture:
+            from repscope.jobs.capture import prepare_submission
+
+            entrypoint = prepare_submission(spec_path, workdir, overwrite=overwrite)
+        else:
+            (workdir / "spec.yaml").write_text(text)
+            command = "nightly" if nightly else "run"
+            entrypoint = (f"repscope {command} spec.yaml --json"
+                          + (" --overwrite" if overwrite else ""))
         # A freshly started head answers "No available agent" for a few seconds: retry
         # that (bounded); anything else is reported at once.
         for attempt in range(_SUBMIT_TRIES):

@@ -10,6 +10,7 @@ The Python API (each function documents its shapes and units)::
     ds = repscope.compare(store, metrics=["linear_cka", "pwcca"])  # xarray.Dataset (U, U)
     ds = repscope.open_results("results.zarr")              # a results store
     values = repscope.compare_arrays(x, y)                  # two in-memory arrays
+    repscope.capture(model, batches, store, "bert", layers=["encoder.layer.3"])  # torch hooks
 
 The package maps the project's top-level folders into one namespace: ``repscope.store``
 (activation stores), ``repscope.cluster`` (streaming statistics, metrics and their execution)
@@ -29,6 +30,7 @@ _API = {
     "compare": "repscope.jobs.api",
     "open_results": "repscope.jobs.api",
     "compare_arrays": "repscope.cluster.compare",
+    "capture": "repscope.store.capture",  # needs the capture extra (torch) when called
 }
 
 __all__ = ["__version__", *_API]

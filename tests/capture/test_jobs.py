@@ -126,10 +126,10 @@ def test_submitted_capture_killed_then_resubmitted_completes(ray_cluster, checkp
     store = ActivationStore.open(str(store_url))
     assert store.models() == ["first"] and len(store.layers("first")) == 3
 
-    job = submit()
-    _wait(lambda: _status(client, job) in TERMINAL, client, None, deadline)
-    logs = client.get_job_logs(job)
-    assert _status(client, job) == "SUCCEEDED", logs
+    # The resubmission through `repscope submit`, which recognises a capture spec.
+    assert main(["submit", str(spec), "--address", ray_cluster.dashboard, "--wait",
+                 "--submission-id", "capture-again"]) == 0
+    logs = client.get_job_logs("capture-again")
     summary = last_json(logs)
     assert summary["skipped"] == ["first"]
     assert [c["model"] for c in summary["captured"]] == ["second"]
