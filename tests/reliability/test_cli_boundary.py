@@ -349,3 +349,52 @@ os.truncate('{tmp_path}/full/filler', os.path.getsize('{tmp_path}/full/filler') 
                     "replaced")
     assert "Traceback" not in result.stderr
     assert result.stdout.split("rc=1", 1)[1].split() == ["filler"]  # no lock, temp or state
+
+
+# --- inputs from the store's area: the boundary holds (one line, no traceback, nothing
+# written) whatever the store's own checks say; naming the unit is the store's part.
+
+def _corrupt_root(t):
+    (t / "acts.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_')
+    return ["run", spec(t)]
+
+
+def _corrupt_unit(t):
+    (t / "acts.zarr" / "units" / "a" / "layer1" / "zarr.json").write_text("garbage")
+    return ["run", spec(t)]
+
+
+def _rows_not_a_number(t):
+    path = t / "acts.zarr" / "zarr.json"
+    meta = json.loads(path.read_text())
+    meta["attributes"]["repscope"]["n_rows"] = "many"
+    path.write_text(json.dumps(meta))
+    return ["run", spec(t)]
+
+
+def _long_model_name(t):
+    np.save(t / "x.npy", np.ones((10, 2), dtype=np.float32))
+    return ["ingest", "new.zarr", "m" * 300, "x.npy", "--layer", "l"]
+
+
+STORE_TABLE = [Case("run: corrupt store zarr.json", _corrupt_root, 0, ""),
+               Case("run: corrupt unit zarr.json", _corrupt_unit, 0, ""),
+               Case("run: n_rows not a number", _rows_not_a_number, 0, ""),
+               Case("ingest: 300-character model name", _long_model_name, 0, "")]
+
+
+@pytest.mark.parametrize("case", STORE_TABLE, ids=[c.id for c in STORE_TABLE])
+def test_the_boundary_holds_for_damaged_stores(case, tmp_path, store, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(store, tmp_path / "acts.zarr")
+    argv = case.argv(tmp_path)
+    before = snapshot(tmp_path)
+    code = run_main(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code in (1, 2)
+    assert lines[-1].startswith(f"repscope {argv[0]}: error:")  # after progress, if any
+    assert sum("error" in line for line in lines) == 1
+    assert "Traceback" not in err + out
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("new.zarr")} == before
