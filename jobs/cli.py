@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -145,11 +146,20 @@ def _cause(exc: BaseException) -> BaseException:
     return exc
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+
+
 def one_line(text: str, secrets: Sequence[str] = ()) -> str:
-    """``text`` redacted, on one line, at most LINE_LIMIT characters."""
+    """``text`` on one line, at most LINE_LIMIT characters, with every secret value masked
+    and every URL redacted (user info, signature and token parameters); the rest of the
+    text is left alone (a hint such as KEY=VALUE is not a credential)."""
     from repscope.store import redact
 
-    flat = " ".join(redact(str(text), secrets).split())
+    masked = _URL.sub(lambda m: redact(m.group(0)), str(text))
+    # Longest first, so that a secret containing another is masked whole.
+    for secret in sorted({v for v in secrets if len(v) >= 4}, key=len, reverse=True):
+        masked = masked.replace(secret, "***")
+    flat = " ".join(masked.split())
     return flat if len(flat) <= LINE_LIMIT else flat[: LINE_LIMIT - 3] + "..."
 
 

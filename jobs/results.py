@@ -142,7 +142,8 @@ def open_results(url: str, storage_options: dict | None = None):
                 return _read_once(url, storage_options)
         except _Changed:
             time.sleep(min(0.01 * (attempt + 1), 0.2))
-    raise NotFoundError(f"results store at {redact(url)} kept changing while being read")
+    raise ConflictError(f"results store at {redact(url)} kept changing while being read: "
+                        "another run is rewriting it; read it when that run is done")
 
 
 @contextmanager

@@ -222,6 +222,17 @@ def test_object_store_table(case, capsys):
     assert KEY not in err + out and SECRET not in err + out
 
 
+def test_credentials_inside_a_url_never_print(capsys):
+    """The backend repeats the URL's user info in its own words: masked there too."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    code = run_main(["show", f"s3://{KEY}:{SECRET}@bucket/r.zarr",
+                     f"--storage-option=client_kwargs.endpoint_url={endpoint}"])
+    out, err = capsys.readouterr()
+    assert code in (1, 2) and len(err.strip().splitlines()) == 1
+    assert err.startswith("repscope show: error: ") and "Traceback" not in err
+    assert KEY not in err + out and SECRET not in err + out
+
+
 def test_an_unreachable_object_store_output_is_refused_before_work():
     from repscope.errors import StorageError
     from repscope.jobs.outputs import check_output_safe
