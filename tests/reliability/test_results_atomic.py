@@ -28,6 +28,7 @@ def dataset(value: float):
     return build_dataset(mats, UNITS, dirs, {"run": value})
 
 
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")  # the raw read at the end
 @pytest.mark.parametrize("swap", ["exchange", "two renames"])
 def test_reader_never_sees_a_mixture(tmp_path, monkeypatch, swap):
     import repscope.jobs.results
