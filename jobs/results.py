@@ -8,30 +8,40 @@ Layout (the interface other tools read):
 - group attributes: ``repscope_version``, ``spec`` (JSON, without storage options),
   ``spec_identity`` (JSON: what must match for a rerun to reuse the output),
   ``store_fingerprint``, ``rows`` ([start, stop)), ``created`` (UTC ISO 8601),
-  ``directions`` (JSON {metric: direction}).
+  ``directions`` (JSON {metric: direction}) and ``repscope_results``: the id of the write
+  that made this store (unique per write; what proves repscope wrote it, jobs/outputs.py).
 
-Atomic replacement on a local file system: every result is written, complete, into its own
-version folder `.<name>.versions/<time>-<id>/`, and the output path is a symbolic link that
-one rename(2) points at the new version. Versions are never modified; the previous one is
-kept while a new one is written, so a reader that resolved the link (``open_results`` does)
-reads one whole version. ``xarray.open_zarr(output)`` works as on any Zarr folder; a lazy
-reader that must not straddle a concurrent rewrite opens ``os.path.realpath(output)``.
+On a local file system the output is a plain folder, so ``cp -r`` and ``rm -r`` work on it
+as on any folder. Replacement is atomic: the new result is written complete into a sibling
+``.<name>.repscope-<id>/data`` and swapped with the output by one
+``renameat2(RENAME_EXCHANGE)`` (Linux); the previous result, now in the sibling, is then
+removed. Where the exchange is not available (other systems, some network file systems) two
+renames take its place, and for a moment there is no output. ``open_results`` reads one
+whole result in either case: it compares the write id it loaded with the output's id after
+reading and reads again if they differ, and it waits out the moment between two renames. A
+lazy reader of its own (``xarray.open_zarr`` without ``.load()``) that overlaps a rewrite
+may fail or see a mixture; load, or use ``open_results``.
+
 Object stores have no rename: there a journal (`<output>.staging` written complete, then a
 `<output>.commit` marker, then the copy into place) makes a crash roll forward at the next
 write, and ``open_results`` reads the staged copy while a commit is in flight; only a raw
 reader of the output during the copy may see a mixture (docs/jobs.md). The output lock
-(jobs/lock.py) keeps writers apart everywhere.
+(jobs/lock.py) keeps writers apart everywhere; jobs/outputs.py says what may be replaced.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,7 +49,18 @@ from typing import Any
 import numpy as np
 
 from repscope import __version__
-from repscope.errors import ConflictError, NotFoundError
+from repscope.errors import ConflictError, InputError, NotFoundError, StorageError
+from repscope.jobs.outputs import (
+    MARKER,
+    TEMP_OWNER,
+    existing_output,
+    is_results_attrs,
+    legacy_link,
+    read_root_attrs,
+    remove_legacy_versions,
+    temp_name,
+    temp_pattern,
+)
 
 
 def local_path(url: str) -> Path | None:
@@ -95,34 +116,136 @@ def build_dataset(
     return xr.Dataset(data_vars, coords=coords, attrs={**base, **attrs})
 
 
+def new_write_id() -> str:
+    """A unique id for one write of a results store: UTC time, then random hex."""
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+
+
+class _Changed(Exception):
+    """The output was replaced while it was read: read it again."""
+
+
+# How long open_results keeps reading again while the output is being replaced.
+READ_ATTEMPTS = 40
+
+
 def open_results(url: str, storage_options: dict | None = None):
-    """Load a results store into memory as an xarray Dataset; NotFoundError if there is none.
-
-    A local output is a link to its current version: the link is resolved once, so the whole
-    Dataset comes from one version even if a new one is written meanwhile.
-    """
-    import xarray as xr
-
+    """Load a results store into memory as an xarray Dataset: one whole result, never parts
+    of two (module docs). NotFoundError if nothing is there; InputError if what is there is
+    not a results store (an activation store says so, with the command to use instead);
+    StorageError if the backend fails."""
     from repscope.store import redact
 
-    path = local_path(url)
-    for _ in range(3):
-        if path is not None:
-            where = os.path.realpath(path)
-        else:  # an object store mid-commit: its staged copy is the complete new result
-            where = _staging(url) if _committing(url, storage_options) else url
+    for attempt in range(READ_ATTEMPTS):
         try:
-            with xr.open_zarr(where, storage_options=storage_options or None,
-                              zarr_format=3, chunks=None) as ds:
-                loaded = ds.load()
-        except (FileNotFoundError, KeyError, ValueError) as exc:
-            raise NotFoundError(
-                f"no results store at {redact(url)} ({type(exc).__name__})"
-            ) from None
-        # A version pruned while it was read reads as fill values: read the current one.
-        if path is None or os.path.isdir(where):
-            return loaded
-    raise NotFoundError(f"results store at {redact(url)} kept changing while being read")
+            with _reading_errors(url, storage_options):
+                return _read_once(url, storage_options)
+        except _Changed:
+            time.sleep(min(0.01 * (attempt + 1), 0.2))
+    raise ConflictError(f"results store at {redact(url)} kept changing while being read: "
+                        "another run is rewriting it; read it when that run is done")
+
+
+@contextmanager
+def _reading_errors(url: str, storage_options: dict | None) -> Iterator[None]:
+    """Backend failures as StorageError (exit 1), missing credentials as InputError (exit
+    2: the user's storage options), both redacted; repscope's own errors pass."""
+    from repscope.store.urls import option_values, redact, storage_errors
+
+    with storage_errors(url, storage_options):
+        try:
+            yield
+        except Exception as exc:
+            if type(exc).__name__ not in ("PartialCredentialsError", "NoCredentialsError"):
+                raise
+            detail = redact(str(exc), option_values(storage_options))
+            raise InputError(f"results store {redact(url)}: incomplete credentials in the "
+                             f"storage options ({detail})") from None
+
+
+def _read_once(url: str, storage_options: dict | None):
+    import fsspec
+
+    path = local_path(url)
+    if path is not None:
+        fs, where = fsspec.filesystem("file"), os.path.realpath(path)
+        committing = False
+    else:
+        fs, root = _fs_path(url, storage_options)
+        committing = fs.exists(_marker(url, storage_options)[1])
+        # an object store mid-commit: its staged copy is the complete new result
+        where = _fs_path(_staging(url), storage_options)[1] if committing else root
+    attrs = read_root_attrs(fs, where)
+    if attrs is None:
+        if path is not None and _swapping(Path(os.path.abspath(path))):
+            raise _Changed
+        raise NotFoundError(f"no results store at {_shown(url)}")
+    _check_results(url, attrs)
+    source = where if path is not None else (_staging(url) if committing else url)
+    try:
+        loaded = _load(source, storage_options)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        if MARKER in attrs:
+            now = read_root_attrs(fs, os.path.realpath(path) if path is not None else where)
+            changed = now is None or now.get(MARKER) != attrs[MARKER]
+        else:  # repscope 0.2's layout: a version replaced while read
+            changed = path is not None and os.path.realpath(path) != where
+        if changed:
+            raise _Changed from exc
+        raise InputError(f"results store {_shown(url)} is damaged: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    written = loaded.attrs.get(MARKER)
+    if path is not None:
+        if written is None:  # repscope 0.2: a version pruned while read reads as fill values
+            if os.path.isdir(where):
+                return loaded
+            raise _Changed
+        now = read_root_attrs(fs, os.path.realpath(path))
+    else:
+        if fs.exists(_marker(url, storage_options)[1]) != committing:
+            raise _Changed
+        now = read_root_attrs(fs, where)
+    if now is None or now.get(MARKER) != written:
+        raise _Changed
+    return loaded
+
+
+def _load(where: str, storage_options: dict | None):
+    import xarray as xr
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        # chunks=None: numpy, not dask (xarray imports dask, a second, if it is installed).
+        with xr.open_zarr(where, storage_options=storage_options or None, zarr_format=3,
+                          consolidated=True, chunks=None) as ds:
+            return ds.load()
+
+
+def _check_results(url: str, attrs: dict) -> None:
+    if is_results_attrs(attrs):
+        return
+    if "repscope" in attrs:
+        raise InputError(f"{_shown(url)} is an activation store, not a results store: "
+                         f"`repscope inspect {_shown(url)}` lists its units, and "
+                         "`repscope run SPEC` compares them")
+    raise InputError(f"{_shown(url)} is a Zarr store but not a results store written by "
+                     "repscope")
+
+
+def _shown(url: str) -> str:
+    from repscope.store import redact
+
+    return redact(url)
+
+
+def _swapping(path: Path) -> bool:
+    """True while a write of ``path`` is between its two renames (no RENAME_EXCHANGE)."""
+    pattern = temp_pattern(path.name)
+    try:
+        return any(pattern.match(p.name) and (p / "old").exists()
+                   for p in path.parent.iterdir())
+    except OSError:
+        return False
 
 
 def existing_identity(url: str, storage_options: dict | None = None) -> str | None:
@@ -135,7 +258,8 @@ def existing_identity(url: str, storage_options: dict | None = None) -> str | No
 
 
 def check_output(url: str, identity: str, storage_options: dict | None, overwrite: bool) -> None:
-    """Refuse to replace results of a different spec unless overwrite is set."""
+    """Refuse to replace results of a different spec unless overwrite is set. (What is not
+    a results store at all is refused whatever overwrite says: jobs.outputs.)"""
     from repscope.store import redact
 
     found = existing_identity(url, storage_options)
@@ -147,6 +271,9 @@ def check_output(url: str, identity: str, storage_options: dict | None, overwrit
 
 
 def to_zarr(ds, url: str, storage_options: dict | None) -> None:
+    """Write a Dataset as a consolidated Zarr v3 group (a new write id unless it has one)."""
+    if MARKER not in ds.attrs:
+        ds = ds.assign_attrs({MARKER: new_write_id()})
     with warnings.catch_warnings():
         # Consolidated metadata lets xarray.open_zarr(output) open with one read; zarr warns
         # that it is not yet part of the v3 spec.
@@ -170,12 +297,7 @@ def _marker(url: str, storage_options: dict | None):
     return _fs_path(url.rstrip("/") + ".commit", storage_options)
 
 
-def _committing(url: str, storage_options: dict | None) -> bool:
-    fs, marker = _marker(url, storage_options)
-    return fs.exists(marker)
-
-
-def _roll_forward(url: str, storage_options: dict | None) -> None:
+def roll_forward(url: str, storage_options: dict | None) -> None:
     """Finish an interrupted commit on an object store: the staged result is complete (the
     marker is written only after it), so copy it over the output, then drop the marker and
     the staging copy."""
@@ -186,7 +308,7 @@ def _roll_forward(url: str, storage_options: dict | None) -> None:
         return
     with xr.open_zarr(_staging(url), storage_options=storage_options or None,
                       zarr_format=3, chunks=None) as staged:
-        to_zarr(staged.load(), url, storage_options)
+        to_zarr(staged.load(), url, storage_options)  # keeps the staged write id
     fs.rm(marker)
     staging_fs, staging = _fs_path(_staging(url), storage_options)
     staging_fs.rm(staging, recursive=True)
@@ -198,50 +320,96 @@ def _write_object_store(ds, url: str, storage_options: dict | None) -> None:
     output and the marker removed. A crash after (2) is rolled forward by the next write, and
     open_results reads the staged copy while a marker exists, so neither a crash nor our
     readers see a mixture; a raw reader of the output during step (3) may."""
-    _roll_forward(url, storage_options)
+    roll_forward(url, storage_options)
+    fs, path = _fs_path(url, storage_options)
+    existing_output(fs, path.rstrip("/"), url)  # never replace what repscope did not write
+    staging = _fs_path(_staging(url), storage_options)[1]
+    if fs.exists(staging):  # left by a writer that died before its commit point
+        attrs = read_root_attrs(fs, staging)
+        if attrs is None or not is_results_attrs(attrs):
+            raise InputError(f"{_shown(url)}.staging exists and is not repscope's staging "
+                             "copy: move it away")
+        fs.rm(staging, recursive=True)
     to_zarr(ds, _staging(url), storage_options)
     fs, marker = _marker(url, storage_options)
     with fs.open(marker, "w") as f:
         f.write("committing")
-    _roll_forward(url, storage_options)
+    roll_forward(url, storage_options)
 
 
 def write_results(ds, url: str, storage_options: dict | None = None) -> None:
-    """Write a results Dataset so that readers never see a partial result (module docs)."""
+    """Write a results Dataset so that readers never see a partial result (module docs).
+
+    Refuses (InputError) to replace anything but a results store repscope wrote."""
+    ds = ds.assign_attrs({MARKER: new_write_id()})
     path = local_path(url)
     if path is None:
         _write_object_store(ds, url, storage_options)
-        return
-    path = path.absolute()
-    versions = path.with_name(f".{path.name}.versions")
-    versions.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    new = versions / f"{stamp}-{uuid.uuid4().hex[:8]}"
-    link = path.with_name(f".{path.name}.link-{uuid.uuid4().hex[:8]}")
+    else:
+        _write_local(ds, Path(os.path.abspath(path)))
+
+
+def _write_local(ds, path: Path) -> None:
+    import fsspec
+
+    legacy = legacy_link(path)  # repscope 0.2's layout: replaced by a plain folder
+    # A link of the user's own is kept: the result is written where it points.
+    target = path if legacy or not path.is_symlink() else Path(os.path.realpath(path))
+    found = "results" if legacy else existing_output(
+        fsspec.filesystem("file"), str(target), str(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.parent / temp_name(target.name, uuid.uuid4().hex[:8])
+    temp.mkdir()
     try:
-        to_zarr(ds, str(new), None)
-        if path.is_dir() and not path.is_symlink():
-            # An output written as a plain directory (by hand, or by an older version):
-            # keep it as a version so the link can take its place.
-            os.rename(path, versions / f"00000000T000000-{uuid.uuid4().hex[:8]}-plain")
-        os.symlink(os.path.relpath(new, path.parent), link)
-        os.replace(link, path)  # rename(2): atomic, the link now names the new version
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        link.unlink(missing_ok=True)
-        raise
-    _prune_versions(versions, keep={new.name, Path(os.readlink(path)).name})
+        _write_owner(temp, target.name, complete=False)
+        try:
+            to_zarr(ds, str(temp / "data"), None)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise StorageError(f"disk full while writing results {path} "
+                               f"({os.strerror(exc.errno)}): free some space and rerun; "
+                               "nothing was replaced") from None
+        _write_owner(temp, target.name, complete=True)
+        if found != "results":  # nothing there, or an empty folder: rename(2) replaces it
+            os.rename(temp / "data", target)
+        elif not exchange(temp / "data", target):
+            os.rename(target, temp / "old")  # for a moment no output: open_results waits
+            os.rename(temp / "data", target)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)  # the previous result, or an unused new one
+    if legacy:
+        remove_legacy_versions(path)
 
 
-# Old versions stay this long after they were replaced, so a reader that resolved the link
-# before a rewrite can finish reading them.
-VERSION_GRACE_SECONDS = 600.0
+def _write_owner(temp: Path, name: str, complete: bool) -> None:
+    """owner.json: what proves a temporary folder is repscope's, and whether its data/ is
+    complete (jobs.outputs.clean_leftovers finishes an interrupted swap with it)."""
+    owner = {"repscope": TEMP_OWNER, "output": name, "pid": os.getpid(),
+             "complete": complete}
+    part = temp / f"owner.json.{uuid.uuid4().hex[:8]}"
+    part.write_text(json.dumps(owner))
+    os.replace(part, temp / "owner.json")
 
 
-def _prune_versions(versions: Path, keep: set[str], grace: float | None = None) -> None:
-    """Remove versions other than `keep` that were replaced more than `grace` seconds ago."""
-    grace = VERSION_GRACE_SECONDS if grace is None else grace
-    now = time.time()
-    for p in versions.iterdir():
-        if p.name not in keep and now - p.stat().st_mtime > grace:
-            shutil.rmtree(p, ignore_errors=True)
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 with RENAME_EXCHANGE). False
+    where the system or file system offers no such call; OSError for any other failure."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc before 2.28, or another C library
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))

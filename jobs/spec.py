@@ -11,15 +11,22 @@ storage_options: {}                 # optional fsspec options for store and outp
 compute: {workers: auto, precision: float32}   # optional
 ```
 
-Parsing checks only the spec itself (keys, types, metric names). Names that need the store
-(models, layers, row counts) are checked by :func:`jobs.plan.make_plan` against it, still
-before any work starts.
+Parsing checks only the spec itself (keys, types, metric names, sizes and counts in range).
+Names that need the store (models, layers, row counts) are checked by
+:func:`jobs.plan.make_plan` against it, still before any work starts.
+
+A spec is small, and parsing keeps it so: a file over 1 MiB, YAML aliases that expand to
+more than 100,000 values (a 400-byte "billion laughs" would otherwise fill memory), recursive
+aliases and nesting deeper than the parser can follow are each refused with one line, and
+an error echoes at most 80 characters of any value.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,14 +49,36 @@ COMPUTE_KEYS = (
     "executor",
 )
 PRECISIONS = ("float32", "float64")
+MAX_SPEC_BYTES = 1 << 20
+MAX_VALUES = 100_000  # nodes of the spec with every alias expanded
+MAX_WORKERS = 1 << 20
+MAX_COUNT = 1_000_000  # bootstrap replicates and shards
+MIN_MEMORY, MAX_MEMORY = 1 << 10, 1 << 50  # 1 KiB (tests tile tiny jobs) to 1 PiB
 SPACES = ("auto", "feature", "sample")
 EXECUTORS = ("auto", "process", "ray")
 
 
 def closest(name: str, choices) -> str:
     """' (did you mean X?)' for the closest choice, or '' when nothing is close."""
-    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    match = difflib.get_close_matches(str(name)[:200], [str(c) for c in choices], n=1,
+                                      cutoff=0.5)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """repr of a value from the user, at most ``limit`` characters: errors never echo
+    megabytes (an expanded alias, a pasted array)."""
+    try:
+        text = _SHORT.repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        text = f"<a {type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -137,21 +166,114 @@ class JobSpec:
 def load_spec(path: str | Path) -> JobSpec:
     """Read and check a YAML job spec file. SpecError names the field; NotFoundError the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise NotFoundError(f"job spec {str(path)!r} does not exist")
-    return parse_spec(path.read_text(), source=str(path))
+    if not path.is_file():
+        raise SpecError(f"job spec {str(path)!r} is not a file")
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"job spec {str(path)!r} is {size / (1 << 20):.1f} MiB; a spec is a "
+                        f"small YAML file (at most {MAX_SPEC_BYTES >> 20} MiB)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"job spec {str(path)!r} is not UTF-8 text (byte {exc.start})") from None
+    return parse_spec(text, source=str(path))
+
+
+def secret_values(path: str | Path) -> list[str]:
+    """Every value in a spec file's ``storage_options`` and the user info of its URLs
+    (secrets to keep out of messages), whatever else is wrong with the spec; [] if it
+    cannot be read."""
+    from repscope.store.urls import option_values
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")[:MAX_SPEC_BYTES]
+        loader = _SpecLoader(text)
+        loader.source = str(path)
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
+        return []
+    if not isinstance(raw, dict):
+        return []
+    urls = [raw.get(key) for key in ("store", "output")]
+    return option_values(raw.get("storage_options")) + [
+        part for url in urls if isinstance(url, str) for part in url_userinfo(url)]
+
+
+def url_userinfo(url: str) -> list[str]:
+    """The user and password of ``scheme://user:password@host/...`` (none if absent)."""
+    match = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/@\s]*)@", url)
+    return [part for part in match.group(1).split(":", 1) if part] if match else []
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only), refusing documents whose aliases expand to
+    more than MAX_VALUES values or refer to themselves."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded_size(node, self.source)
+        return node
+
+
+def _expanded_size(root, source: str) -> int:
+    """How many values a composed document holds with every alias expanded; an alias
+    shares its node, so each node is sized once (memo) and the walk stays small."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise SpecError(f"{source}: a YAML alias refers to the value that contains it")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        if total > MAX_VALUES:
+            raise SpecError(f"{source}: YAML aliases expand this spec to more than "
+                            f"{MAX_VALUES:,} values; write it out without aliases")
+        sizes[key] = total
+        return total
+
+    return size(root) if root is not None else 0
 
 
 def parse_spec(text: str, source: str = "<spec>") -> JobSpec:
     """Parse YAML text into a JobSpec. YAML is loaded safely: a spec is data, never code."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"{source}: a spec is a small YAML file (at most "
+                        f"{MAX_SPEC_BYTES >> 20} MiB), this one has {len(text):,} characters")
+    loader = _SpecLoader(text)
+    loader.source = source
     try:
-        raw = yaml.safe_load(text)
+        raw = loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"{source}: malformed YAML{where}: {problem}") from None
-    return spec_from_dict(raw, source=source)
+        raise SpecError(f"{source}: malformed YAML{where}: {shown(problem, 200)}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: the YAML is nested too deeply to be a job spec") from None
+    except SpecError:
+        raise
+    except ValueError as exc:  # a constructor's refusal, e.g. an int of 5,000 digits
+        raise SpecError(f"{source}: malformed YAML: {str(exc)[:200]}") from None
+    finally:
+        loader.dispose()
+    try:
+        return spec_from_dict(raw, source=source)
+    except RecursionError:
+        raise SpecError(f"{source}: the YAML is nested too deeply to be a job spec") from None
 
 
 def spec_from_dict(raw: Any, source: str = "<spec>") -> JobSpec:
@@ -162,7 +284,7 @@ def spec_from_dict(raw: Any, source: str = "<spec>") -> JobSpec:
         raise SpecError(f"{source}: a job spec is a mapping of keys {', '.join(TOP_KEYS)}")
     for key in raw:
         if key not in TOP_KEYS:
-            raise SpecError(f"{source}: unknown key {key!r}{closest(key, TOP_KEYS)}")
+            raise SpecError(f"{source}: unknown key {shown(key)}{closest(key, TOP_KEYS)}")
     for key in ("store", "metrics", "output"):
         if raw.get(key) in (None, "", []):
             raise SpecError(f"{source}: missing required key {key!r}")
@@ -189,7 +311,7 @@ def spec_from_dict(raw: Any, source: str = "<spec>") -> JobSpec:
 
 def _url(value: Any, key: str, source: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise SpecError(f"{source}: {key!r} must be a URL or path string, got {value!r}")
+        raise SpecError(f"{source}: {key!r} must be a URL or path string, got {shown(value)}")
     return value.strip()
 
 
@@ -197,15 +319,15 @@ def _names(value: Any, key: str, source: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise SpecError(f"{source}: {key!r} must be a non-empty list of names")
+        raise SpecError(f"{source}: {shown(key)} must be a non-empty list of names")
     out = []
     for item in value:
         if not isinstance(item, str | int) or isinstance(item, bool) or str(item) == "":
-            raise SpecError(f"{source}: {key!r} holds {item!r}, not a name")
+            raise SpecError(f"{source}: {shown(key)} holds {shown(item)}, not a name")
         out.append(str(item))
     dupes = sorted({n for n in out if out.count(n) > 1})
     if dupes:
-        raise SpecError(f"{source}: {key!r} lists {dupes[0]!r} more than once")
+        raise SpecError(f"{source}: {shown(key)} lists {shown(dupes[0])} more than once")
     return tuple(out)
 
 
@@ -227,9 +349,12 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _int(value: Any, key: str, source: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpecError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+def _int(value: Any, key: str, source: str, minimum: int = 0,
+         maximum: int | None = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum)):
+        bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum:,}"
+        raise SpecError(f"{source}: {key} must be an integer {bound}, got {shown(value)}")
     return value
 
 
@@ -240,11 +365,12 @@ def _rows(value: Any, source: str) -> tuple[int, int | None]:
         raise SpecError(f"{source}: 'rows' must be a mapping {{start: N, stop: M}}")
     for key in value:
         if key not in ("start", "stop"):
-            raise SpecError(f"{source}: unknown key 'rows.{key}'{closest(key, ('start', 'stop'))}")
-    start = _int(value.get("start", 0), "rows.start", source)
+            raise SpecError(
+                f"{source}: unknown key 'rows.{str(key)[:60]}'{closest(key, ('start', 'stop'))}")
+    start = _int(value.get("start", 0), "rows.start", source, 0, 1 << 62)
     stop = value.get("stop")
     if stop is not None:
-        stop = _int(stop, "rows.stop", source)
+        stop = _int(stop, "rows.stop", source, 0, 1 << 62)
         if stop <= start:
             raise SpecError(
                 f"{source}: rows.stop ({stop}) must be greater than rows.start ({start})"
@@ -253,24 +379,38 @@ def _rows(value: Any, source: str) -> tuple[int, int | None]:
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
-          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+          "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40, "p": 1 << 50, "pb": 1 << 50,
+          "pib": 1 << 50}
 
 
-def parse_bytes(value: Any, key: str = "size", source: str = "<spec>") -> int:
-    """'2GiB', '512 MB', 1048576 -> bytes (binary multiples)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
+def parse_bytes(value: Any, key: str = "size", source: str = "<spec>",
+                minimum: int = 1, maximum: int = MAX_MEMORY) -> int:
+    """'2GiB', '512 MB', 1048576 -> bytes (binary multiples), from ``minimum`` to
+    ``maximum``; infinite, NaN, negative and absurd sizes are refused naming ``key``."""
+    amount = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        amount = float(value) if math.isfinite(value) else math.nan
+    elif isinstance(value, str) and len(value) < 64:
         text = value.strip().lower().replace(" ", "")
-        number = text.rstrip("kmgib")
+        number = text.rstrip("kmgtpib")
         unit = text[len(number):]
         try:
-            amount = float(number)
-        except ValueError:
+            amount = float(number) * _UNITS[unit]
+        except (ValueError, KeyError):
             amount = math.nan
-        if unit in _UNITS and amount > 0:
-            return int(amount * _UNITS[unit])
-    raise SpecError(f"{source}: {key} must be a size such as '2GiB' or a byte count, got {value!r}")
+    if math.isfinite(amount) and minimum <= amount <= maximum:
+        return int(amount)
+    raise SpecError(f"{source}: {key} must be a size from {_size(minimum)} to "
+                    f"{_size(maximum)} such as '2GiB' or a byte count, got {shown(value)}")
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30),
+                        ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _compute(value: Any, source: str) -> Compute:
@@ -280,44 +420,50 @@ def _compute(value: Any, source: str) -> Compute:
         raise SpecError(f"{source}: 'compute' must be a mapping")
     for key in value:
         if key not in COMPUTE_KEYS:
-            raise SpecError(f"{source}: unknown key 'compute.{key}'{closest(key, COMPUTE_KEYS)}")
+            raise SpecError(
+                f"{source}: unknown key 'compute.{str(key)[:60]}'{closest(key, COMPUTE_KEYS)}")
     workers = value.get("workers", "auto")
-    workers = None if workers in ("auto", None) else _int(workers, "compute.workers", source, 1)
+    workers = None if workers in ("auto", None) else _int(workers, "compute.workers", source, 1,
+                                                          MAX_WORKERS)
     precision = value.get("precision", "float32")
     if precision not in PRECISIONS:
         raise SpecError(
-            f"{source}: compute.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+            f"{source}: compute.precision must be one of {', '.join(PRECISIONS)}, "
+            f"got {shown(precision)}"
         )
     memory = value.get("memory_per_worker")
     if memory in (None, "auto"):
         memory = None
     else:
-        memory = parse_bytes(memory, "compute.memory_per_worker", source)
+        memory = parse_bytes(memory, "compute.memory_per_worker", source, MIN_MEMORY)
     block_rows = value.get("block_rows")
-    block_rows = None if block_rows is None else _int(block_rows, "compute.block_rows", source, 1)
+    block_rows = None if block_rows is None else _int(block_rows, "compute.block_rows", source,
+                                                      1, 1 << 31)
     threshold = value.get("svcca_threshold", 0.99)
     number = isinstance(threshold, int | float) and not isinstance(threshold, bool)
     if not number or not 0 < threshold <= 1:
-        raise SpecError(f"{source}: compute.svcca_threshold must be in (0, 1], got {threshold!r}")
+        raise SpecError(
+            f"{source}: compute.svcca_threshold must be in (0, 1], got {shown(threshold)}")
     space = value.get("space", "auto")
     if space not in SPACES:
         raise SpecError(
-            f"{source}: compute.space must be one of {', '.join(SPACES)}, got {space!r}"
+            f"{source}: compute.space must be one of {', '.join(SPACES)}, got {shown(space)}"
         )
     every = value.get("checkpoint_seconds", 120.0)
-    if isinstance(every, bool) or not isinstance(every, int | float) or every < 0:
-        raise SpecError(
-            f"{source}: compute.checkpoint_seconds must be a number >= 0, got {every!r}"
-        )
-    bootstrap = _int(value.get("bootstrap", 0), "compute.bootstrap", source)
+    if (isinstance(every, bool) or not isinstance(every, int | float)
+            or not math.isfinite(every) or every < 0):
+        raise SpecError(f"{source}: compute.checkpoint_seconds must be a finite number >= 0 "
+                        f"(0 turns checkpoints off), got {shown(every)}")
+    bootstrap = _int(value.get("bootstrap", 0), "compute.bootstrap", source, 0, MAX_COUNT)
     if bootstrap == 1:
         raise SpecError(f"{source}: compute.bootstrap needs at least 2 replicates (or 0)")
-    shards = _int(value.get("bootstrap_shards", 20), "compute.bootstrap_shards", source, 2)
+    shards = _int(value.get("bootstrap_shards", 20), "compute.bootstrap_shards", source, 2,
+                  MAX_COUNT)
     executor = value.get("executor", "auto")
     if executor not in EXECUTORS:
         raise SpecError(
             f"{source}: compute.executor must be one of {', '.join(EXECUTORS)}, got "
-            f"{executor!r}"
+            f"{shown(executor)}"
         )
     return Compute(
         executor=executor,

@@ -158,3 +158,106 @@ def test_spec_roundtrip_or_named_refusal(models, metrics, start, length, extra):
     assert spec.rows == (start, start + length)
     assert spec.models == (tuple(models) if models is not None else None)
     assert spec_from_dict(yaml.safe_load(text)) == spec
+
+
+# --- resource bombs: a spec stays small, and so does every message about it -------------
+
+BASE = "store: a\noutput: o\nmetrics: [linear_cka]\n"
+
+
+def alias_bomb(levels: int) -> str:
+    """'Billion laughs': each level lists the previous one nine times (9**levels values)."""
+    text = "storage_options:\n  l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for k in range(1, levels + 1):
+        text += f"  l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 9)}]\n"
+    return text + f"store: *l{levels}\noutput: o\nmetrics: [linear_cka]\n"
+
+
+@pytest.mark.parametrize("levels", [6, 8, 10])
+def test_an_alias_bomb_is_refused_in_one_short_line(levels):
+    import time
+
+    text = alias_bomb(levels)
+    assert len(text) < 700
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError, match="YAML aliases expand this spec to more than 100,000 "
+                       "values") as info:
+        parse_spec(text, source="job.yaml")
+    assert time.perf_counter() - t0 < 5  # not seconds of expansion, not gigabytes
+    assert len(str(info.value)) < 200
+
+
+def test_a_value_echoed_in_an_error_is_cut_short():
+    # small enough to expand (729 values), but its repr would be kilobytes
+    with pytest.raises(SpecError, match=r"'store' must be a URL or path string") as info:
+        parse_spec(alias_bomb(2))
+    assert len(str(info.value)) < 200
+    with pytest.raises(SpecError, match="unknown key") as info:
+        parse_spec(BASE + "? " + "x" * 100_000 + "\n: 1\n")  # an explicit (long) key
+    assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("text, match", [
+    (BASE + "models: &a [m, *a]\n", "a YAML alias refers to the value that contains it"),
+    (BASE + "models: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
+    (BASE + "rows: {stop: " + "9" * 5000 + "}\n", "malformed YAML: Exceeds the limit"),
+    (BASE + "rows: {stop: " + "9" * 40 + "}\n", r"rows.stop must be an integer from 0 to"),
+])
+def test_pathological_yaml_is_one_line(text, match):
+    with pytest.raises(SpecError, match=match) as info:
+        parse_spec(text)
+    assert len(str(info.value)) < 300
+
+
+def test_anchors_within_reason_still_work():
+    spec = parse_spec("store: a\noutput: o\nmetrics: &m [linear_cka]\n"
+                      "layers: {a: &l [l1, l2], b: *l}\n")
+    assert spec.layers == {"a": ("l1", "l2"), "b": ("l1", "l2")}
+
+
+def test_spec_files_that_cannot_be_specs(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text(BASE + "#" * (2 << 20) + "\n")
+    with pytest.raises(SpecError, match=r"big.yaml' is 2.0 MiB; a spec is a small YAML file"):
+        load_spec(big)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"store: \xff\xfe\n")
+    with pytest.raises(SpecError, match="is not UTF-8 text"):
+        load_spec(binary)
+    with pytest.raises(SpecError, match="is not a file"):
+        load_spec(tmp_path)
+
+
+@pytest.mark.parametrize("value", [
+    "inf", ".inf", "-.inf", ".nan", "nan", "-1GiB", "0", "0.0001", "1e30GiB", "2048TiB",
+    "99999999999999999999999999", "true", "[1]", "{a: 1}", "1 GiB GiB",
+])
+def test_memory_per_worker_must_be_a_real_size(value):
+    with pytest.raises(SpecError, match=r"job.yaml: compute.memory_per_worker must be a size "
+                                        r"from 1 KiB to 1 PiB") as info:
+        parse_spec(BASE + f"compute: {{memory_per_worker: {value}}}\n", source="job.yaml")
+    assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("6KiB", 6 << 10), ("1TiB", 1 << 40), ("1PiB", 1 << 50), (2e9, 2_000_000_000),
+    ("2e9", 2_000_000_000), (1024, 1024),
+])
+def test_memory_per_worker_accepts_sizes(value, expected):
+    assert parse_spec(BASE + f"compute: {{memory_per_worker: {value}}}\n"
+                      ).compute.memory_per_worker == expected
+
+
+@pytest.mark.parametrize("compute, match", [
+    ("{workers: 100000000000000000000000}", r"compute.workers must be an integer from 1 to"),
+    ("{workers: 1e23}", r"compute.workers must be an integer from 1 to"),
+    ("{checkpoint_seconds: .nan}", r"compute.checkpoint_seconds must be a finite number"),
+    ("{checkpoint_seconds: .inf}", r"compute.checkpoint_seconds must be a finite number"),
+    ("{bootstrap: 1000000000}", r"compute.bootstrap must be an integer from 0 to"),
+    ("{bootstrap_shards: 1000000000}", r"compute.bootstrap_shards must be an integer from 2"),
+    ("{block_rows: 100000000000000}", r"compute.block_rows must be an integer from 1 to"),
+    ("{svcca_threshold: .nan}", r"compute.svcca_threshold must be in \(0, 1\]"),
+])
+def test_absurd_counts_are_refused_naming_the_field(compute, match):
+    with pytest.raises(SpecError, match=match):
+        parse_spec(BASE + f"compute: {compute}\n")
