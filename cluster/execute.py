@@ -365,27 +365,34 @@ class RayExecutor:
         for tile, final in finals.items():
             waiting[final[-1] if keep_parts else final] = tile
         pending = set(rows_of) | set(waiting)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, fetch_local=False)
-            for ref in done:
-                pending.discard(ref)
-                if progress and ref in rows_of:
-                    progress(rows_of.pop(ref))
-                if ref not in waiting:
-                    continue
-                tile = waiting.pop(ref)
-                if keep_parts:
-                    ray.wait(parts[tile], num_returns=len(parts[tile]))
-                    on_tile(tile, _get(parts[tile]))
-                else:
-                    on_tile(tile, _get([ref])[0])
-                for part in parts.pop(tile):  # done, some not yet reported by ray.wait
-                    if part in pending and part in rows_of:
-                        pending.discard(part)
-                        if progress:
-                            progress(rows_of[part])
-                    rows_of.pop(part, None)
-                del finals[tile]
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, fetch_local=False)
+                for ref in done:
+                    pending.discard(ref)
+                    if progress and ref in rows_of:
+                        progress(rows_of.pop(ref))
+                    if ref not in waiting:
+                        continue
+                    tile = waiting.pop(ref)
+                    if keep_parts:
+                        ray.wait(parts[tile], num_returns=len(parts[tile]))
+                        on_tile(tile, _get(parts[tile]))
+                    else:
+                        on_tile(tile, _get([ref])[0])
+                    for part in parts.pop(tile):  # done, some not yet reported by ray.wait
+                        if part in pending and part in rows_of:
+                            pending.discard(part)
+                            if progress:
+                                progress(rows_of[part])
+                        rows_of.pop(part, None)
+                    del finals[tile]
+        except BaseException:
+            # A failed job leaves no task behind writing checkpoints (in a long-lived
+            # process such as a notebook the instance outlives the job).
+            for ref in pending:
+                ray.cancel(ref)
+            raise
 
     def run_grams(self, store, tasks: list[GramTask], groups, tiles: dict[Tile, tuple], *,
                   svcca_threshold: float = 0.99, progress: Progress | None = None,

@@ -39,6 +39,7 @@ from repscope.jobs.finish import (
     finalize_sample,
 )
 from repscope.jobs.lock import output_lock
+from repscope.jobs.outputs import check_output_safe
 from repscope.jobs.plan import Plan, Selection, gram_tasks, make_plan, select, tile_tasks
 from repscope.jobs.progress import Progress
 from repscope.jobs.results import build_dataset, check_output, write_results
@@ -315,13 +316,17 @@ def execute_job(
     """
     log = log or sys.stderr
     t0 = time.perf_counter()
+    if incremental and not write:
+        raise ValueError("an incremental job reuses and rewrites its output: write=True")
+    if write:  # an output that may not be written is refused before the store is opened
+        check_output_safe(spec.output, spec.store, spec.storage_options)
     store = ActivationStore.open(spec.store, spec.storage_options)
     sel = select(spec, store)
     if not write:
         return _execute(spec, store, sel, t0, address=address, overwrite=overwrite,
                         incremental=incremental, write=False, keep_units=keep_units,
                         executor=executor, log=log)
-    with output_lock(spec.output, spec.storage_options):
+    with output_lock(spec.output, spec.storage_options, store=spec.store, log=log):
         return _execute(spec, store, sel, t0, address=address, overwrite=overwrite,
                         incremental=incremental, write=True, keep_units=keep_units,
                         executor=executor, log=log)

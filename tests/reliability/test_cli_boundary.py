@@ -136,13 +136,13 @@ TABLE = [
     Case("run: output an existing file", _file, 2, "output out.txt is an existing file"),
     Case("run: output the store (--overwrite)",
          lambda t: ["run", spec(t, "acts.zarr"), "--overwrite"], 2,
-         "output acts.zarr is an activation store"),
+         "output acts.zarr is the job's activation store"),
     Case("nightly: output the store", lambda t: ["nightly", spec(t, "acts.zarr")], 2,
-         "output acts.zarr is an activation store"),
+         "output acts.zarr is the job's activation store"),
     Case("run: output the working folder", lambda t: ["run", spec(t, ".")], 2,
          "output . is the working folder"),
     Case("run: output inside the store", lambda t: ["run", spec(t, "acts.zarr/units/r")], 2,
-         "lies inside the Zarr store"),
+         "lies inside the activation store"),
     Case("run: output's parent a file", _below_file, 2, "plain is a file, not a folder"),
     Case("run: unsupported URL scheme", lambda t: ["run", spec(t, "ftp://h/r.zarr")], 2,
          "unsupported output URL ftp://h/r.zarr"),
@@ -175,7 +175,8 @@ TABLE = [
     Case("show: nothing there", lambda t: ["show", "none.zarr"], 2, "no results store at none"),
     Case("show: corrupt zarr.json", _corrupt_results, 2, "r.zarr/zarr.json is not valid JSON"),
     Case("show: another tool's Zarr", _other_zarr, 2, "not a results store written by repscope"),
-    Case("report: --out on a file", _report_on_file, 2, "report.png: already exists"),
+    Case("report: --out on a file", _report_on_file, 2,
+         "report folder report.png is a file, not a folder"),
 ]
 
 
@@ -262,7 +263,7 @@ def test_an_unexpected_exception_is_one_line_with_the_debug_hint(tmp_path, monke
 
 
 def test_warnings_reach_the_user_as_one_line_each(monkeypatch, capsys):
-    from repscope.cluster.metrics import FewRowsWarning
+    from repscope.cluster.registry import FewRowsWarning
 
     def noisy(args):
         for _ in range(3):
@@ -376,9 +377,9 @@ def _corrupt_unit(t):
 
 
 def _rows_not_a_number(t):
-    path = t / "acts.zarr" / "zarr.json"
+    path = t / "acts.zarr" / "rows" / "zarr.json"  # the store's row record (format 2)
     meta = json.loads(path.read_text())
-    meta["attributes"]["repscope"]["n_rows"] = "many"
+    meta["attributes"]["repscope_rows"]["n_rows"] = "many"
     path.write_text(json.dumps(meta))
     return ["run", spec(t)]
 

@@ -72,11 +72,11 @@ def _above_working_folder(tmp):
 
 
 def _inside_store(tmp):
-    return "acts.zarr/units/r.zarr", "lies inside the Zarr store"
+    return "acts.zarr/units/r.zarr", "lies inside the activation store acts.zarr"
 
 
 def _holds_store(tmp):
-    return "work", "existing folder that is not a results store"
+    return "work", "contains the activation store work/acts.zarr"
 
 
 def _results_with_foreign_file(tmp):

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import repscope.jobs.run
-from repscope.cluster.moments import CrossMoments, UnitMoments, block_moments
+import repscope.jobs.finish
+from repscope.cluster.accumulate import block_moments
+from repscope.cluster.moments import CrossMoments, UnitMoments
 from repscope.jobs.lock import output_lock
+from repscope.jobs.pipeline import run_job
 from repscope.jobs.results import open_results, to_zarr
-from repscope.jobs.run import run_job
 from repscope.jobs.spec import spec_from_dict
 from repscope.jobs.state import StateStore, StateWarning
 from tests.jobs.conftest import make_store
@@ -128,7 +129,7 @@ def test_a_rerun_after_a_crash_recomputes_damaged_checkpoints(tmp_path, embedded
         })
 
     run_job(spec("baseline"), log=io.StringIO())
-    real_add = repscope.jobs.run.TileFinalizer._add
+    real_add = repscope.jobs.finish.TileFinalizer._add
     calls = []
 
     def add_then_crash(self, tile, moments):
@@ -137,10 +138,10 @@ def test_a_rerun_after_a_crash_recomputes_damaged_checkpoints(tmp_path, embedded
         calls.append(tile)
         real_add(self, tile, moments)
 
-    monkeypatch.setattr(repscope.jobs.run.TileFinalizer, "_add", add_then_crash)
+    monkeypatch.setattr(repscope.jobs.finish.TileFinalizer, "_add", add_then_crash)
     with pytest.raises(Crash):
         run_job(spec("crashed"), log=io.StringIO())
-    monkeypatch.setattr(repscope.jobs.run.TileFinalizer, "_add", real_add)
+    monkeypatch.setattr(repscope.jobs.finish.TileFinalizer, "_add", real_add)
     state = tmp_path / "crashed.zarr.state"
     torn = [sorted((state / kind).glob("*.npz"))[0] for kind in ("tiles", "caches")]
     for path in torn:
