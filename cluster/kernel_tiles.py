@@ -52,6 +52,8 @@ __all__ = [
     "tile_pairs",
     "sketch_ranges",
     "kernel_matrices",
+    "kernel_accumulate",
+    "check_setup",
     "BINS",
 ]
 
@@ -113,6 +115,8 @@ class PassContext:
         the first pass finished RSA from the exact values).
     moments : diagonal tiles also return their block's feature moments (for the job's
         feature-space metrics: the rows are then read once for both).
+    queries, query_ids : mutual k-NN for sampled query rows only (approximate regime): per
+        unit the query rows (q, d_u), and their row ids; tiles are (query block, block J).
     """
 
     setup: KernelSetup
@@ -124,6 +128,8 @@ class PassContext:
     moments: bool = False
     widths: tuple[int, ...] = ()
     fourth: bool = False
+    queries: tuple | None = None
+    query_ids: np.ndarray | None = None
 
 
 @dataclass
@@ -173,7 +179,7 @@ def _rdm_values(ctx: PassContext, p, bi: RowBlock, bj: RowBlock, rows, u: int) -
 
 
 def kernel_tile(ctx: PassContext, i: int, j: int, xs_i, xs_j, offset_i: int,
-                offset_j: int) -> TilePartial:
+                offset_j: int, ids_i: np.ndarray | None = None) -> TilePartial:
     """One tile's contribution to a pass.
 
     Parameters
@@ -181,6 +187,8 @@ def kernel_tile(ctx: PassContext, i: int, j: int, xs_i, xs_j, offset_i: int,
     xs_i : per unit, the rows of block I (b_i, d_u); xs_j : those of block J (None for a
         diagonal tile, I == J).
     offset_i, offset_j : the blocks' first row (0-based within the job's rows).
+    ids_i : query tiles (mutual k-NN of sampled rows): the row ids of xs_i's rows, which
+        may fall inside block J (each is excluded from its own neighbours).
 
     Notes
     -----
@@ -206,7 +214,8 @@ def kernel_tile(ctx: PassContext, i: int, j: int, xs_i, xs_j, offset_i: int,
         blocks_i.append(bi)
         blocks_j.append(bi if diagonal else row_block(xs_j[u], shift, dtype))
     b_i, b_j = blocks_i[0].xc.shape[0], blocks_j[0].xc.shape[0]
-    ids_i = offset_i + np.arange(b_i)
+    query = ids_i is not None
+    ids_i = offset_i + np.arange(b_i) if ids_i is None else np.asarray(ids_i)
     ids_j = offset_j + np.arange(b_j)
     final = ctx.stage == "final"
     rbf = "rbf_cka" in metrics and final
@@ -223,7 +232,7 @@ def kernel_tile(ctx: PassContext, i: int, j: int, xs_i, xs_j, offset_i: int,
     if knn:
         k = setup.options["mutual_knn"]["k"]
         out.knn_i = (np.full((count, b_i, k), -np.inf), np.full((count, b_i, k), -1))
-        if not diagonal:
+        if not diagonal and not query:
             out.knn_j = (np.full((count, b_j, k), -np.inf), np.full((count, b_j, k), -1))
     gathered: dict[str, list[list[np.ndarray]]] = {s: [[] for _ in range(count)]
                                                    for s in sketch}
@@ -269,9 +278,11 @@ def kernel_tile(ctx: PassContext, i: int, j: int, xs_i, xs_j, offset_i: int,
                 cos = cosines(p, bi, bj, rows)
                 if diagonal:
                     cos[np.arange(c), np.arange(rows.start, rows.stop)] = -np.inf
+                elif query:
+                    cos[ids_i[rows, None] == ids_j[None, :]] = -np.inf
                 vals, ids = top_k(cos, ids_j, k)
                 out.knn_i[0][u, rows], out.knn_i[1][u, rows] = vals, ids
-                if not diagonal:
+                if out.knn_j is not None:
                     cv, ci = top_k(cos.T, ids_i[rows], k)
                     out.knn_j[0][u], out.knn_j[1][u] = merge_candidates(
                         out.knn_j[0][u], out.knn_j[1][u], cv, ci, k)
@@ -316,10 +327,13 @@ class KernelAccumulator:
     """
 
     def __init__(self, setup: KernelSetup, blocks, *, ranges: dict | None = None,
-                 moments: bool = False, widths: tuple[int, ...] = (), fourth: bool = False):
+                 moments: bool = False, widths: tuple[int, ...] = (), fourth: bool = False,
+                 query_blocks=None):
         if not setup.exact and setup.sketch_pass and ranges is None:
             raise ValueError("histogram sketches need their ranges (sketch_ranges)")
         self.setup, self.blocks = setup, tuple(blocks)
+        # Query tiles: block I of a partial is a block of the query rows.
+        self.query_blocks = None if query_blocks is None else tuple(query_blocks)
         self.ranges = ranges
         count, n = setup.units, setup.n
         self.stage = "sketch" if setup.sketch_pass else "final"
@@ -338,7 +352,8 @@ class KernelAccumulator:
         self.knn = None
         if "mutual_knn" in setup.metrics:
             k = setup.options["mutual_knn"]["k"]
-            self.knn = (np.full((count, n, k), -np.inf), np.full((count, n, k), -1))
+            rows = n if query_blocks is None else self.query_blocks[-1][1]
+            self.knn = (np.full((count, rows, k), -np.inf), np.full((count, rows, k), -1))
 
     def context(self) -> PassContext | None:
         """The pass to run next (None: done)."""
@@ -363,7 +378,8 @@ class KernelAccumulator:
                     for mine, h in zip(self._hists[stat], hists, strict=True):
                         mine.add(h)
             return
-        (s0, s1), (t0, t1) = self.blocks[part.i], self.blocks[part.j]
+        (t0, t1) = self.blocks[part.j]
+        (s0, s1) = (self.blocks if self.query_blocks is None else self.query_blocks)[part.i]
         if part.kl is not None:
             self.kl += part.kl
             self.rows[:, s0:s1] += part.rows_i
@@ -458,7 +474,7 @@ class KernelAccumulator:
             self.notes.setdefault("rsa", {"ranks": "none (pearson)"})
         if self.knn is not None:
             k = setup.options["mutual_knn"]["k"]
-            self.matrices["mutual_knn"] = mutual_knn_matrix(self.knn[1], k)
+            self.matrices["mutual_knn"], self.knn_se = mutual_knn_matrix(self.knn[1], k)
             self.notes["mutual_knn"] = {"neighbours": "exact"}
 
     def result(self) -> dict[str, np.ndarray]:
@@ -568,13 +584,24 @@ def _median_window(values: np.ndarray, s: int, target: float) -> tuple[float, fl
 
 
 def kernel_matrices(xs, metrics, options: dict | None = None, *, block_rows: int = 4096,
-                    precision: str = "float64", names=None) -> dict[str, np.ndarray]:
-    """(U, U) matrices of kernel metrics of in-memory units on the same rows, exactly
-    (gathered order statistics), through the same tiles as a job.
+                    precision: str = "float64", names=None, exact_entries: int = 1 << 25,
+                    sample_rows: int = 2048) -> dict[str, np.ndarray]:
+    """(U, U) matrices of kernel metrics of in-memory units on the same rows, through the
+    same tiles as a job (:func:`kernel_accumulate`)."""
+    return kernel_accumulate(xs, metrics, options, block_rows=block_rows, precision=precision,
+                             names=names, exact_entries=exact_entries,
+                             sample_rows=sample_rows).result()
 
-    xs : per unit an array (n, d_u). options : {metric: {parameter: value}} (defaults
-    otherwise). Memory: the gathered entries, U n(n-1)/2 float64 for rbf_cka and Spearman
-    RSA, plus a tile's blocks.
+
+def kernel_accumulate(xs, metrics, options: dict | None = None, *, block_rows: int = 4096,
+                      precision: str = "float64", names=None, exact_entries: int = 1 << 25,
+                      sample_rows: int = 2048) -> KernelAccumulator:
+    """Every pass of the kernel metrics of in-memory units, tile by tile, in this process.
+
+    xs : per unit an array (n, d_u), the same rows. options : {metric: {parameter: value}}
+    (defaults otherwise). Order statistics are exact while U n(n-1)/2 <= exact_entries
+    (memory: those float64 values), else from histograms over ranges of a seeded sample of
+    ``sample_rows`` rows. Returns the finished accumulator (``result()``, ``notes``).
     """
     xs = [np.asarray(x) for x in xs]
     n = xs[0].shape[0]
@@ -583,17 +610,22 @@ def kernel_matrices(xs, metrics, options: dict | None = None, *, block_rows: int
     metrics = tuple(m for m in metrics if m in KERNEL_METRICS)
     opts = {m: metric_options(m, (options or {}).get(m)) for m in metrics}
     names = tuple(names or [f"unit {u}" for u in range(len(xs))])
-    setup = KernelSetup(metrics, opts, n, names, exact=True, precision=precision)
+    exact = len(xs) * (n * (n - 1) // 2) <= exact_entries
+    setup = KernelSetup(metrics, opts, n, names, exact=exact, precision=precision)
     check_setup(setup)
+    ranges = None
+    if setup.sketch_pass and not exact:
+        pick = np.sort(np.random.default_rng(0).choice(n, min(n, sample_rows), replace=False))
+        ranges = sketch_ranges(setup, [x[pick] for x in xs])
     blocks = block_bounds(n, block_rows)
-    acc = KernelAccumulator(setup, blocks)
+    acc = KernelAccumulator(setup, blocks, ranges=ranges)
     while (ctx := acc.context()) is not None:
         for i, j in tile_pairs(len(blocks)):
             (s0, s1), (t0, t1) = blocks[i], blocks[j]
             acc.add(kernel_tile(ctx, i, j, [x[s0:s1] for x in xs],
                                 None if i == j else [x[t0:t1] for x in xs], s0, t0))
         acc.finish_pass()
-    return acc.result()
+    return acc
 
 
 def check_setup(setup: KernelSetup) -> None:

@@ -40,18 +40,21 @@ def merge_candidates(vals_a, ids_a, vals_b, ids_b, k: int):
     return np.take_along_axis(vals, pick, axis=1), np.take_along_axis(ids, pick, axis=1)
 
 
-def mutual_knn_matrix(ids: np.ndarray, k: int) -> np.ndarray:
-    """(U, U) mutual k-NN alignment from every unit's neighbour ids, ids: (U, n, k).
+def mutual_knn_matrix(ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(U, U) mutual k-NN alignment from every unit's neighbour ids, ids: (U, n, k), and
+    the standard error of each entry as a mean over the n rows (for sampled rows).
 
     Cost per pair O(n k log k): both lists sorted once, then intersected by a merge."""
     count, n, _ = ids.shape
     ordered = np.sort(ids, axis=2)
-    out = np.eye(count)
+    out, se = np.eye(count), np.zeros((count, count))
     for u in range(count):
         for v in range(u + 1, count):
             # |A & B| = 2k - |A | B| for sets of k distinct ids: count the distinct ids of
             # both lists side by side.
             both = np.sort(np.concatenate([ordered[u], ordered[v]], axis=1), axis=1)
             distinct = 1 + np.count_nonzero(np.diff(both, axis=1), axis=1)
-            out[u, v] = out[v, u] = float(np.mean(2 * k - distinct)) / k
-    return out
+            overlap = (2 * k - distinct) / k
+            out[u, v] = out[v, u] = float(np.mean(overlap))
+            se[u, v] = se[v, u] = float(np.std(overlap, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    return out, se
