@@ -562,11 +562,9 @@ def _median_window(values: np.ndarray, s: int, target: float) -> tuple[float, fl
     of pairs and the dependence through shared rows (the U-statistic's first projection).
     """
     m = np.quantile(values, target)
-    below = np.zeros(s)
     iu = np.triu_indices(s, 1)
-    hit = values <= m
-    np.add.at(below, iu[0], hit)
-    np.add.at(below, iu[1], hit)
+    hit = (values <= m).astype(np.float64)
+    below = np.bincount(iu[0], hit, minlength=s) + np.bincount(iu[1], hit, minlength=s)
     per_row = below / max(1, s - 1)
     se = 2.0 * np.sqrt(per_row.var() / s) + 1.0 / np.sqrt(values.size)
     delta = max(8.0 * se, 0.01)

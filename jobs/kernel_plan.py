@@ -34,6 +34,7 @@ _MIN_BLOCK_ROWS = 256
 _MAX_BLOCK_ROWS = 8192
 _BYTES_PER_VALUE = 16
 _MAX_TASK_THREADS = 16
+_SKETCH_ROWS = 2048
 
 
 def kernel_metrics_of(spec: JobSpec) -> tuple[str, ...]:
@@ -145,7 +146,8 @@ def make_kernel_plan(spec: JobSpec, sel, res: Resources, *,
     need_sample = approximate or (setup.sketch_pass and not setup.exact)
     sample: tuple[int, ...] = ()
     if need_sample:
-        size = min(n, c.sample_rows)
+        # Histogram ranges need few rows (their margins absorb the sample's error).
+        size = min(n, c.sample_rows if approximate else min(c.sample_rows, _SKETCH_ROWS))
         rng = np.random.default_rng(0)  # the same sample on every run of the job
         sample = tuple(int(r) + rows[0] for r in np.sort(rng.choice(n, size, replace=False)))
     threads = (min(res.workers, res.node_cpus, _MAX_TASK_THREADS)
