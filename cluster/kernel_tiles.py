@@ -372,8 +372,9 @@ class KernelAccumulator:
             for stat, values in part.values.items():
                 self._values[stat].append(values)
             for stat, hists in part.hists.items():
-                if stat not in self._hists:
-                    self._hists[stat] = hists
+                if stat not in self._hists:  # our own copy (Ray's arrays are read-only)
+                    self._hists[stat] = [Histogram(h.lo, h.hi, h.counts.copy(), h.under,
+                                                   h.over) for h in hists]
                 else:
                     for mine, h in zip(self._hists[stat], hists, strict=True):
                         mine.add(h)
