@@ -262,6 +262,8 @@ def _write(path, rows):
 
 
 def print_table(rows):
+    if not rows:
+        return
     print(f"{'wl':3} {'size':>22} {'space':7} {'ours s':>8} {'naive s':>9} {'speedup':>8} "
           f"{'eff acc':>7} {'eff e2e':>7} {'RSS GiB':>7} {'PSS GiB':>7} {'max diff':>9}")
     for r in rows:
