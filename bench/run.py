@@ -3,7 +3,8 @@
 For each workload: our job end to end on embedded Ray (peak RSS of the whole process tree
 sampled), (a) the naive float64 loop on a sample of pairs, scaled to all pairs, (b) the float32
 GEMM rate on the job's shapes, measured here, and (c) pytorch-cka where it computes the same
-matrix (debiased linear CKA from Grams), optional. Prints a table, writes JSON.
+matrix (debiased linear CKA from Grams), optional. Kernel workloads (K1: rbf_cka and
+mutual_knn in row-block tiles) run bench/kernels.py instead. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
-from bench import everyday, naive
+from bench import everyday, kernels, naive
 from bench.workloads import FULL, QUICK, build_store
 
 
@@ -231,9 +232,10 @@ def bench_workload(w, cache: str, outdir: str, quick: bool) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 cores)")
-    ap.add_argument("--workloads", default="S1,S2,M,N",
-                    help="comma-separated: S1,S2,M,N (bench/everyday.py, minutes) and "
-                    "W1,W2,W3,W4 (the large workloads, most of an hour)")
+    ap.add_argument("--workloads", default="S1,S2,M,N,K1",
+                    help="comma-separated: S1,S2,M,N (bench/everyday.py, minutes), K1 (kernel "
+                    "metrics, bench/kernels.py) and W1,W2,W3,W4 (the large workloads, most of "
+                    "an hour)")
     ap.add_argument("--rows", type=int, help="override the rows of W1/W3 (W3 gets 4x)")
     ap.add_argument("--out", default="bench-output/bench.json")
     ap.add_argument("--cache", default="bench-output/cache")
@@ -251,10 +253,14 @@ def main(argv=None) -> None:
         w = table[name]
         if args.rows and w.name in ("W1", "W3"):
             w = replace(w, rows=args.rows * (4 if w.name == "W3" else 1))
-        rows.append(bench_workload(w, args.cache, outdir, args.quick))
+        if w.name.startswith("K"):
+            rows.append(kernels.bench_kernel(w, args.cache, outdir, args.quick))
+        else:
+            rows.append(bench_workload(w, args.cache, outdir, args.quick))
         _write(args.out, rows, everyday_rows)
     if rows:
-        print_table(rows)
+        print_table([r for r in rows if "runs" not in r])
+        kernels.print_rows([r for r in rows if "runs" in r])
     if everyday_rows:
         print("targets (issue 17):")
         everyday.print_verdicts(everyday_rows)
@@ -271,6 +277,8 @@ def _write(path, rows, everyday_rows=None):
 
 
 def print_table(rows):
+    if not rows:
+        return
     print(f"{'wl':3} {'size':>22} {'space':7} {'ours s':>8} {'naive s':>9} {'speedup':>8} "
           f"{'eff acc':>7} {'eff e2e':>7} {'RSS GiB':>7} {'PSS GiB':>7} {'max diff':>9}")
     for r in rows:

@@ -41,6 +41,8 @@ FULL = {
                    "memory: W1 with 4x rows"),
     "W4": Workload("W4", 4, 16, 2048, 4_000, ("linear_cka", "linear_cka_debiased"),
                    "few inputs, wide layers"),
+    # Sample-space kernel metrics in row-block tiles (bench/kernels.py).
+    "K1": Workload("K1", 4, 8, 512, 20_000, ("rbf_cka", "mutual_knn"), "kernel tiles"),
 }
 # The quick variant: same structure, sizes that run in minutes on 2 cores.
 QUICK = {
@@ -48,6 +50,7 @@ QUICK = {
     "W2": replace(FULL["W2"], width=128, rows=20_000),
     "W3": replace(FULL["W1"], name="W3", width=256, rows=80_000, note="memory: W1 with 4x rows"),
     "W4": replace(FULL["W4"], layers=4),
+    "K1": replace(FULL["K1"], layers=2, rows=6_000),
 }
 
 

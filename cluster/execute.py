@@ -1,9 +1,11 @@
 """Where a plan's tasks run: in this process, or on Ray (an embedded instance or a cluster).
 
 Both executors run the same plain task functions of :mod:`repscope.cluster.tasks` and offer
-the same three calls: :meth:`resources` (what the planner may use), :meth:`run_tiles`
+the same calls: :meth:`resources` (what the planner may use), :meth:`run_tiles`
 (feature space: every tile's row-range tasks, each tile's moments handed over as soon as they
-are complete) and :meth:`run_grams` (sample space). This module is the only one that imports
+are complete), :meth:`run_grams` (sample space), :meth:`run_kernel_tiles` (one pass of the
+kernel metrics' row-block tiles, each tile's partial handed over as it arrives) and
+:meth:`read_samples` (sampled rows of units). This module is the only one that imports
 Ray: remote functions are defined once per process (:func:`_remotes`), the embedded instance
 is started in one function (:func:`_start_embedded`), and errors of our own raised inside a
 task come back as themselves.
@@ -25,10 +27,14 @@ from repscope.cluster.moments import merge_all
 from repscope.cluster.tasks import (
     Checkpoints,
     GramTask,
+    KernelTileTask,
+    SampleTask,
     TileTask,
     accumulate_tile,
     gram_tile_task,
+    kernel_tile_task,
     merge_parts,
+    read_sample,
     read_unit_gram,
 )
 from repscope.errors import RepscopeError, StorageError
@@ -134,6 +140,18 @@ class LocalExecutor:
                                          *[grams[i] for i in members])
         return out
 
+    def run_kernel_tiles(self, store, context, tasks: list[KernelTileTask], on_tile, *,
+                         progress: Progress | None = None) -> None:
+        """One pass of the kernel metrics: ``on_tile(partial)`` for each tile, in order."""
+        for task in tasks:
+            on_tile(kernel_tile_task(store, context, replace(task, threads=self.cpus)))
+            if progress:
+                progress(1)
+
+    def read_samples(self, store, tasks: list[SampleTask]) -> list:
+        """Each task's sampled rows, in task order."""
+        return [read_sample(store, t) for t in tasks]
+
     def close(self) -> None:
         pass
 
@@ -153,6 +171,8 @@ def _remotes() -> SimpleNamespace:
         merge=ray.remote(max_retries=TASK_RETRIES)(merge_parts),
         gram=ray.remote(**on_storage_errors)(read_unit_gram),
         gram_tile=ray.remote(max_retries=TASK_RETRIES)(gram_tile_task),
+        kernel_tile=ray.remote(**on_storage_errors)(kernel_tile_task),
+        sample=ray.remote(**on_storage_errors)(read_sample),
     )
 
 
@@ -421,6 +441,31 @@ class RayExecutor:
             if progress:
                 progress(len(done))
         return dict(zip(refs, _get(list(refs.values())), strict=True))
+
+    def run_kernel_tiles(self, store, context, tasks: list[KernelTileTask], on_tile, *,
+                         progress: Progress | None = None) -> None:
+        """One pass of the kernel metrics: every tile a task (``context`` put in the object
+        store once), ``on_tile(partial)`` as each arrives, then its reference dropped."""
+        import ray
+
+        self._connect()
+        remote = _remotes()
+        store_ref, context_ref = ray.put(store), ray.put(context)
+        pending = [remote.kernel_tile.options(num_cpus=t.threads or 1).remote(
+            store_ref, context_ref, t) for t in tasks]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            on_tile(_get(done)[0])
+            if progress:
+                progress(1)
+
+    def read_samples(self, store, tasks: list[SampleTask]) -> list:
+        """Each task's sampled rows, in task order (one task per unit)."""
+        import ray
+
+        self._connect()
+        store_ref = ray.put(store)
+        return _get([_remotes().sample.remote(store_ref, t) for t in tasks])
 
     def close(self) -> None:
         import ray

@@ -1,7 +1,14 @@
 """The metric registry: every metric's name and what the planner and finalizers need to know.
 
 Names are the interface (specs, results variables, the CLI); :func:`check_metrics` validates
-a selection with a hint for misspelt names.
+a selection with a hint for misspelt names, :func:`metric_options` a metric's parameters.
+
+Families (how a metric is computed):
+
+- ``moments``: finished from feature-space moments by :mod:`repscope.cluster.pairs`;
+- ``shape``: from the same moments, by :mod:`repscope.cluster.shape`;
+- ``kernel``: from n x n kernels or dissimilarities over the rows, streamed in row-block
+  tiles (:mod:`repscope.cluster.kernel_tiles`).
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from dataclasses import dataclass
 
 from repscope.errors import InputError
 
-__all__ = ["Metric", "METRICS", "CCA_FAMILY", "FewRowsWarning", "check_metrics"]
+__all__ = ["Metric", "METRICS", "MOMENT_METRICS", "KERNEL_METRICS", "SHAPE_METRICS",
+           "CCA_FAMILY", "FewRowsWarning", "check_metrics", "metric_options"]
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -25,6 +34,9 @@ class Metric:
     symmetric : whether value(x, y) == value(y, x).
     needs_fourth : needs the fourth-order moments (``block_moments(..., fourth=True)``).
     needs_whitening : needs Cxx^(-1/2) (the CCA family): undefined for a zero-variance unit.
+    family : "moments", "shape" or "kernel" (module docstring).
+    options : the metric's parameters and their defaults, as a spec's ``metric_options``
+        sets them (checked by :func:`metric_options`).
     """
 
     name: str
@@ -32,6 +44,8 @@ class Metric:
     symmetric: bool = True
     needs_fourth: bool = False
     needs_whitening: bool = False
+    family: str = "moments"
+    options: tuple[tuple[str, object], ...] = ()
 
 
 METRICS: dict[str, Metric] = {
@@ -44,8 +58,22 @@ METRICS: dict[str, Metric] = {
         Metric("svcca", "similarity", needs_whitening=True),
         Metric("pwcca", "similarity", symmetric=False, needs_whitening=True),
         Metric("procrustes", "distance"),
+        Metric("shape_angular", "distance", family="shape", options=(("alpha", 0.5),)),
+        Metric("rbf_cka", "similarity", family="kernel", options=(("threshold", 1.0),)),
+        Metric("rsa", "similarity", family="kernel",
+               options=(("rdm", "correlation"), ("compare", "spearman"))),
+        Metric("mutual_knn", "similarity", family="kernel", options=(("k", 10),)),
     )
 }
+
+#: The metrics of each family, in registry order.
+MOMENT_METRICS = tuple(m for m, v in METRICS.items() if v.family == "moments")
+SHAPE_METRICS = tuple(m for m, v in METRICS.items() if v.family == "shape")
+KERNEL_METRICS = tuple(m for m, v in METRICS.items() if v.family == "kernel")
+
+# Choices of the string options; numbers are checked by _check_number.
+_CHOICES = {("rsa", "rdm"): ("correlation", "euclidean"),
+            ("rsa", "compare"): ("spearman", "pearson")}
 
 #: Metrics finished from the canonical correlations of whitened moments.
 CCA_FAMILY = ("mean_cca", "mean_sq_cca", "pwcca")
@@ -56,7 +84,10 @@ class FewRowsWarning(UserWarning):
 
 
 def check_metrics(names: str | Iterable[str] | None) -> tuple[str, ...]:
-    """Validated metric names, in the given order without repeats; None means all metrics.
+    """Validated metric names, in the given order without repeats.
+
+    None means the moment metrics (:data:`MOMENT_METRICS`, the default of the feature-space
+    functions such as ``compare_arrays``); every family's names are accepted.
 
     Raises
     ------
@@ -64,13 +95,15 @@ def check_metrics(names: str | Iterable[str] | None) -> tuple[str, ...]:
         For an unknown name, suggesting the closest known one; for an empty selection.
     """
     if names is None:
-        return tuple(METRICS)
+        return MOMENT_METRICS
     if isinstance(names, str):
         names = [names]
     out: list[str] = []
     for name in names:
         if name not in METRICS:
             close = difflib.get_close_matches(str(name), list(METRICS), n=1, cutoff=0.5)
+            # A short name inside a longer one ("knn" for "mutual_knn") is a near miss too.
+            close = close or [m for m in METRICS if str(name).lower() in m][:1]
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise InputError(
                 f"unknown metric {name!r}{hint} (known: {', '.join(METRICS)})"
@@ -80,3 +113,45 @@ def check_metrics(names: str | Iterable[str] | None) -> tuple[str, ...]:
     if not out:
         raise InputError(f"no metric selected (known: {', '.join(METRICS)})")
     return tuple(out)
+
+
+def _check_number(metric: str, key: str, value) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"{metric}.{key} must be a number, got {value!r}")
+    if key == "k":
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"mutual_knn.k must be an integer >= 1, got {value!r}")
+        return int(value)
+    if key == "alpha" and not 0.0 <= value <= 1.0:
+        raise InputError(f"shape_angular.alpha must be in [0, 1], got {value!r}")
+    if key == "threshold" and not value > 0:
+        raise InputError(f"rbf_cka.threshold must be > 0, got {value!r}")
+    return float(value)
+
+
+def metric_options(metric: str, given: dict | None = None) -> dict:
+    """A metric's parameters: its defaults updated with ``given``, checked.
+
+    Raises
+    ------
+    InputError
+        For a parameter the metric does not have (with the closest name), a value of the
+        wrong type or out of range.
+    """
+    defaults = dict(METRICS[metric].options)
+    out = dict(defaults)
+    for key, value in (given or {}).items():
+        if key not in defaults:
+            close = difflib.get_close_matches(str(key), list(defaults), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            known = ", ".join(defaults) or "none"
+            raise InputError(f"{metric} has no parameter {key!r}{hint} (parameters: {known})")
+        choices = _CHOICES.get((metric, key))
+        if choices is not None:
+            if value not in choices:
+                raise InputError(f"{metric}.{key} must be one of {', '.join(choices)}, "
+                                 f"got {value!r}")
+            out[key] = value
+        else:
+            out[key] = _check_number(metric, key, value)
+    return out

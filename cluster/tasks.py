@@ -5,7 +5,9 @@ tile (prefetching the next block while the current one multiplies) into one
 :class:`~repscope.cluster.accumulate.TileAccumulator` and returns the partial moments; partials
 of a tile's row ranges merge exactly (:func:`merge_parts`). A sample-space :class:`GramTask`
 computes one unit's centered Gram; :func:`gram_tile_task` the per-pair work of a tile of unit
-groups from their Grams. Where these run (in this process, or as Ray tasks) is
+groups from their Grams. A :class:`KernelTileTask` computes one row-block tile of the kernel
+metrics (:func:`kernel_tile_task`), a :class:`SampleTask` reads one unit's sampled rows
+(:func:`read_sample`). Where these run (in this process, or as Ray tasks) is
 :mod:`repscope.cluster.execute`'s business.
 """
 
@@ -33,6 +35,10 @@ __all__ = [
     "merge_parts",
     "read_unit_gram",
     "gram_tile_task",
+    "KernelTileTask",
+    "kernel_tile_task",
+    "SampleTask",
+    "read_sample",
     "blas_threads",
 ]
 
@@ -218,3 +224,71 @@ def gram_tile_task(n_a: int, diagonal: bool, metrics, svcca_threshold: float,
     a, b = grams[:n_a], None if diagonal else grams[n_a:]
     with blas_threads(threads):
         return gram_tile(a, b, metrics, svcca_threshold=svcca_threshold)
+
+
+@dataclass(frozen=True)
+class KernelTileTask:
+    """Kernel metrics, one tile: row blocks I = [start_i, stop_i) and J of every unit (J is
+    I for a diagonal tile), absolute store rows; ``first_row`` is the job's first row. A
+    ``query`` tile takes block I from the pass's sampled query rows instead: positions
+    [start_i, stop_i) of ``context.queries``."""
+
+    units: tuple[UnitRef, ...]
+    i: int
+    j: int
+    block_i: tuple[int, int]
+    block_j: tuple[int, int]
+    first_row: int
+    threads: int | None = None
+    query: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Rows read (both blocks)."""
+        own = self.block_i[1] - self.block_i[0]
+        return own if self.i == self.j else own + self.block_j[1] - self.block_j[0]
+
+
+def kernel_tile_task(store, context, task: KernelTileTask):
+    """Read a tile's blocks of every unit and return its
+    :class:`~repscope.cluster.kernel_tiles.TilePartial` for the pass ``context``."""
+    from repscope.cluster.kernel_tiles import kernel_tile
+
+    with blas_threads(task.threads):
+        if task.query:
+            q0, q1 = task.block_i
+            xs_j = [read_group(store, (u,), *task.block_j) for u in task.units]
+            return kernel_tile(context, task.i, task.j, [q[q0:q1] for q in context.queries],
+                               xs_j, 0, task.block_j[0] - task.first_row,
+                               ids_i=context.query_ids[q0:q1])
+        xs_i = [read_group(store, (u,), *task.block_i) for u in task.units]
+        xs_j = None if task.i == task.j else [read_group(store, (u,), *task.block_j)
+                                              for u in task.units]
+        return kernel_tile(context, task.i, task.j, xs_i, xs_j,
+                           task.block_i[0] - task.first_row, task.block_j[0] - task.first_row)
+
+
+@dataclass(frozen=True)
+class SampleTask:
+    """One unit's rows at ``rows`` (sorted absolute row numbers within [start, stop))."""
+
+    unit: UnitRef
+    start: int
+    stop: int
+    rows: tuple[int, ...]
+
+
+# Rows read at once while picking a sample (the unit is read in pieces of this many rows).
+_SAMPLE_READ_ROWS = 65536
+
+
+def read_sample(store, task: SampleTask) -> np.ndarray:
+    """The sampled rows of one unit, (len(rows), d), in the store's dtype."""
+    wanted = np.asarray(task.rows, dtype=np.int64)
+    parts = []
+    for start in range(task.start, task.stop, _SAMPLE_READ_ROWS):
+        stop = min(task.stop, start + _SAMPLE_READ_ROWS)
+        here = wanted[(wanted >= start) & (wanted < stop)]
+        if here.size:
+            parts.append(read_group(store, (task.unit,), start, stop)[here - start])
+    return np.concatenate(parts)

@@ -29,6 +29,8 @@ from repscope.cluster.moments import (
     pair_moments,
     unit_moments,
 )
+from repscope.cluster.registry import SHAPE_METRICS, metric_options
+from repscope.cluster.shape import ShapeCache, prepare_shape, shape_angular
 from repscope.jobs.plan import Plan
 
 __all__ = ["TileValues", "TileFinalizer", "finalize_sample", "bootstrap_bounds",
@@ -65,14 +67,21 @@ class TileFinalizer:
     on_done : ``on_done(tile)`` once a tile's entries are all in.
 
     Per-unit eigendecompositions and per-pair SVDs run on ``plan.driver_cpus`` threads, one
-    BLAS thread each (:func:`repscope.cluster.matrices.similarity_matrices`).
+    BLAS thread each (:func:`repscope.cluster.matrices.similarity_matrices`). The shape
+    metric (options from ``metric_options``) is finished from the same moments by
+    :mod:`repscope.cluster.shape`.
     """
 
     def __init__(self, plan: Plan, metrics, *, svcca_threshold: float,
                  known: dict[int, UnitMoments] | None = None,
                  on_unit: Callable[[int, UnitMoments], None] | None = None,
-                 on_done: Callable[[Tile], None] | None = None):
+                 on_done: Callable[[Tile], None] | None = None,
+                 metric_options: dict | None = None):
         self.plan, self.metrics = plan, tuple(metrics)
+        self.moment_metrics = tuple(m for m in self.metrics if m not in SHAPE_METRICS)
+        self.shape_options = {m: (metric_options or {}).get(m) for m in self.metrics
+                              if m in SHAPE_METRICS}
+        self.shape_caches: dict[int, ShapeCache] = {}
         self.svcca_threshold = svcca_threshold
         self.on_unit, self.on_done = on_unit, on_done
         self.names = [u.label for u in plan.units]
@@ -149,14 +158,31 @@ class TileFinalizer:
 
         units = [None if i in self.caches else self.moments.get(i)
                  for i in range(len(self.plan.units))]
-        mats = similarity_matrices(
-            units, cross, self.metrics,
-            names=self.names, svcca_threshold=self.svcca_threshold,
-            pairs=pairs, threads=self.plan.driver_cpus, caches=self.caches)
+        mats = {}
+        if self.moment_metrics:
+            mats = similarity_matrices(
+                units, cross, self.moment_metrics,
+                names=self.names, svcca_threshold=self.svcca_threshold,
+                pairs=pairs, threads=self.plan.driver_cpus, caches=self.caches)
+        for m in self.shape_options:
+            mats[m] = self._shape(m, pairs, cross)
         for m, v in mats.items():
             filled = ~np.isnan(v)
             self.out[m][filled] = v[filled]
         self._finished(tile)
+
+    def _shape(self, metric: str, pairs, cross) -> np.ndarray:
+        """The shape metric of the tile's pairs (symmetric), units prepared once."""
+        alpha = metric_options(metric, self.shape_options[metric])["alpha"]
+        out = np.full((len(self.plan.units),) * 2, np.nan)
+        for i, j in pairs:
+            for k in (i, j):
+                if k not in self.shape_caches:
+                    self.shape_caches[k] = prepare_shape(self.moments[k], alpha,
+                                                         name=self.names[k])
+            out[i, j] = out[j, i] = shape_angular(self.shape_caches[i], self.shape_caches[j],
+                                                  cross(i, j).cxy)
+        return out
 
     def _finished(self, tile: Tile) -> None:
         self.done.add(tile)
@@ -199,7 +225,8 @@ def finalize_sample(plan: Plan, tiles: dict, metrics) -> dict[str, np.ndarray]:
 
 
 def bootstrap_bounds(plan: Plan, parts: dict[Tile, list[CrossMoments]], metrics,
-                     replicates: int, *, svcca_threshold: float) -> dict:
+                     replicates: int, *, svcca_threshold: float,
+                     metric_options: dict | None = None) -> dict:
     """Percentile bounds of every entry of the plan's pairs from a bootstrap over the row
     shards (cluster.bootstrap; seed 0, so a rerun gives the same bounds):
     {metric: (lower, upper)} at :data:`BOOTSTRAP_LEVEL`."""
@@ -207,7 +234,8 @@ def bootstrap_bounds(plan: Plan, parts: dict[Tile, list[CrossMoments]], metrics,
     shards = [[parts[tile][s] for tile in plan.tiles] for s in range(len(plan.row_ranges))]
 
     def statistic(tiles: list) -> np.ndarray:
-        fin = TileFinalizer(plan, metrics, svcca_threshold=svcca_threshold)
+        fin = TileFinalizer(plan, metrics, svcca_threshold=svcca_threshold,
+                            metric_options=metric_options)
         fin.add_all(dict(zip(plan.tiles, tiles, strict=True)))
         mats = fin.result()
         return np.stack([mats[m] for m in metrics])

@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 import numpy as np
 
 from repscope.cluster.execute import LocalExecutor, RayExecutor
 from repscope.cluster.moments import UnitMoments, merge_all
-from repscope.cluster.registry import METRICS
+from repscope.cluster.registry import METRICS, SHAPE_METRICS
 from repscope.cluster.tasks import Checkpoints
 from repscope.errors import InputError, RepscopeError
 from repscope.jobs import nightly
@@ -38,6 +38,8 @@ from repscope.jobs.finish import (
     bootstrap_bounds,
     finalize_sample,
 )
+from repscope.jobs.kernel_job import run_kernel
+from repscope.jobs.kernel_plan import kernel_metrics_of, make_kernel_plan
 from repscope.jobs.lock import output_lock
 from repscope.jobs.outputs import check_output_safe
 from repscope.jobs.plan import Plan, Selection, gram_tasks, make_plan, select, tile_tasks
@@ -98,6 +100,13 @@ class Statistics:
     plan: Plan | None = None
     # State to remove once the result is written: task partials, finished tiles and caches.
     cleanup: tuple[list[str], dict[str, list[str]]] = ((), {})
+    # Kernel metrics: how each was computed and its error bounds ({metric: {...}}).
+    notes: dict[str, dict] = field(default_factory=dict)
+    kernel_plan: object = None
+
+    @property
+    def n_pairs(self) -> int:
+        return (self.plan or self.kernel_plan).n_pairs
 
 
 def choose_executor(spec: JobSpec, sel: Selection, address: str | None):
@@ -148,19 +157,89 @@ class _Counters:
 def _compute(spec: JobSpec, store, sel: Selection, executor, plan_fresh, known, *, state,
              log: TextIO, counters: _Counters, keep_units: bool, on_unit) -> Statistics:
     """Plan, execute and finish the pairs of ``plan_fresh`` units (None: all); ``known``:
-    moments of other units, loaded instead of computed."""
+    moments of other units, loaded instead of computed. Kernel metrics (sample-space tiles)
+    and the others (feature moments, or Grams) are planned together: when the moments fit
+    one tile, the kernel pass's diagonal tiles accumulate them and the rows are read once."""
+    kernel = kernel_metrics_of(spec)
+    if not kernel:
+        return _compute_moments(spec, store, sel, executor, plan_fresh, known, state=state,
+                                log=log, counters=counters, keep_units=keep_units,
+                                on_unit=on_unit)
     res = executor.resources(spec.compute.memory_per_worker)
-    plan = make_plan(spec, sel, res, fresh=plan_fresh, known=frozenset(known))
-    counters.space, counters.executor = plan.space, res.where
-    counters.tiles, counters.flops = len(plan.tiles), plan.gemm_flops()
-    print(_plan_line(plan, res.where), file=log)
-    stats = Statistics(sel, {}, plan=plan)
+    kplan = make_kernel_plan(spec, sel, res, fresh=plan_fresh)
+    others = tuple(m for m in spec.metrics if m not in kernel)
+    fspec = replace(spec, metrics=others)
+    fplan = make_plan(fspec, sel, res, fresh=plan_fresh, known=frozenset(known)) \
+        if others else None
+    fold = (fplan is not None and plan_fresh is None and fplan.space == "feature"
+            and len(fplan.tiles) == 1 and not kplan.approximate)
+    if others and not fold:
+        stats = _compute_moments(fspec, store, sel, executor, plan_fresh, known, state=state,
+                                 log=log, counters=counters, keep_units=keep_units,
+                                 on_unit=on_unit, plan=fplan)
+    else:
+        stats = Statistics(sel, {}, plan=fplan)
+        counters.executor, counters.space = res.where, fplan.space if fplan else ""
+    stats.kernel_plan = kplan
+    print(kplan.describe(), file=log)
+    if fold:
+        print(_plan_line(fplan, res.where) + "; the moments ride on the kernel pass's "
+              "diagonal tiles (rows read once)", file=log)
+    t0 = time.perf_counter()
+    kres = run_kernel(kplan, store, executor, log=log,
+                      moments={"widths": fplan.widths(0), "fourth": fplan.fourth} if fold
+                      else None)
+    counters.accumulate_seconds += time.perf_counter() - t0
+    counters.space = "+".join(x for x in (counters.space, "kernel") if x)
+    counters.tiles += len(kplan.tiles)
+    counters.tasks += len(kplan.tiles) * kplan.passes
+    if fold:
+        fin = TileFinalizer(fplan, others, svcca_threshold=spec.compute.svcca_threshold,
+                            known=known, on_unit=_unit_hook(stats, keep_units, on_unit),
+                            metric_options=spec.metric_options)
+        fin.add((0, 0), kres.moments)
+        stats.matrices.update(fin.result())
+    wanted = _wanted(kplan)
+    for m, v in kres.matrices.items():
+        stats.matrices[m] = np.where(wanted, v, np.nan)
+    if kres.bounds:
+        stats.bounds = dict(stats.bounds or {})
+        for m, (lower, upper) in kres.bounds.items():
+            stats.bounds[m] = (np.where(wanted, lower, np.nan), np.where(wanted, upper, np.nan))
+    stats.matrices = {m: stats.matrices[m] for m in spec.metrics}
+    stats.notes = kres.notes
+    return stats
 
+
+def _wanted(kplan) -> np.ndarray:
+    """(U, U) True for the pairs the job computes (all, or those with a fresh unit)."""
+    count = len(kplan.units)
+    fresh = np.zeros(count, bool)
+    fresh[list(kplan.fresh)] = True
+    return fresh[:, None] | fresh[None, :]
+
+
+def _unit_hook(stats: Statistics, keep_units: bool, on_unit):
     def unit_arrived(i: int, moments: UnitMoments) -> None:
         if keep_units:
             stats.unit_moments[i] = moments
         if on_unit:
             on_unit(i, moments)
+    return unit_arrived
+
+
+def _compute_moments(spec: JobSpec, store, sel: Selection, executor, plan_fresh, known, *,
+                     state, log: TextIO, counters: _Counters, keep_units: bool, on_unit,
+                     plan: Plan | None = None) -> Statistics:
+    """The metrics of feature moments or Grams (the feature or sample space)."""
+    res = executor.resources(spec.compute.memory_per_worker)
+    if plan is None:
+        plan = make_plan(spec, sel, res, fresh=plan_fresh, known=frozenset(known))
+    counters.space, counters.executor = plan.space, res.where
+    counters.tiles, counters.flops = len(plan.tiles), plan.gemm_flops()
+    print(_plan_line(plan, res.where), file=log)
+    stats = Statistics(sel, {}, plan=plan)
+    unit_arrived = _unit_hook(stats, keep_units, on_unit)
 
     t0 = time.perf_counter()
     if plan.space == "sample":
@@ -189,7 +268,7 @@ def _compute(spec: JobSpec, store, sel: Selection, executor, plan_fresh, known, 
     checkpoints = Checkpoints(state, spec.compute.checkpoint_seconds) if keys else None
     progress = Progress(plan.n_rows, "accumulate", stream=log)
     fin = TileFinalizer(plan, spec.metrics, svcca_threshold=spec.compute.svcca_threshold,
-                        known=known, on_unit=unit_arrived)
+                        known=known, on_unit=unit_arrived, metric_options=spec.metric_options)
 
     if spec.compute.bootstrap:
         parts: dict = {}
@@ -203,7 +282,8 @@ def _compute(spec: JobSpec, store, sel: Selection, executor, plan_fresh, known, 
         counters.finish_seconds = time.perf_counter() - t1
         t2 = time.perf_counter()
         stats.bounds = bootstrap_bounds(plan, parts, spec.metrics, spec.compute.bootstrap,
-                                        svcca_threshold=spec.compute.svcca_threshold)
+                                        svcca_threshold=spec.compute.svcca_threshold,
+                                        metric_options=spec.metric_options)
         print(f"bootstrap: {spec.compute.bootstrap} replicates over "
               f"{len(plan.row_ranges)} row shards in {time.perf_counter() - t2:.1f} s",
               file=log)
@@ -245,8 +325,11 @@ def _restore_and_save(spec: JobSpec, plan: Plan, state: StateStore, tasks: dict,
     def cache_key(tile, unit: int) -> str:
         return digest(tile_keys[tile], unit)
 
+    # The shape metric prepares units from their moments, which a restored tile lacks: such
+    # jobs recompute finished tiles (their task partials are still reused).
+    restorable = not any(m in SHAPE_METRICS for m in spec.metrics)
     for tile, key in tile_keys.items():
-        values = state.get("tiles", key, TileValues)
+        values = state.get("tiles", key, TileValues) if restorable else None
         caches = {}
         if values is not None and tile[0] == tile[1]:
             caches = {i: state.get("caches", cache_key(tile, i), UnitCache)
@@ -360,12 +443,12 @@ def _execute(spec, store, sel, t0, *, address, overwrite, incremental, write, ke
         finally:
             if own:
                 executor.close()
-        print(f"finalize: {stats.plan.n_pairs} pairs in {counters.finish_seconds:.1f} s",
+        print(f"finalize: {stats.n_pairs} pairs in {counters.finish_seconds:.1f} s",
               file=log)
     if previous is not None:
         nightly.fill_reused(stats, previous)
     _check_finite(stats)
-    computed = stats.plan.n_pairs if fresh else 0
+    computed = stats.n_pairs if fresh else 0
     total = count * (count + 1) // 2
     if write:
         ds = to_dataset(spec, stats, "nightly" if incremental else "run")
@@ -406,21 +489,31 @@ def _execute(spec, store, sel, t0, *, address, overwrite, incremental, write, ke
 def to_dataset(spec: JobSpec, stats: Statistics, kind: str = "run"):
     """The results Dataset of a job's statistics (jobs/results.py has the layout)."""
     sel = stats.selection
-    return build_dataset(
+    attrs = {
+        "spec": json.dumps(spec.to_dict(), sort_keys=True),
+        "spec_identity": spec_identity(spec),
+        "reuse_identity": nightly.reuse_identity(spec),
+        "store_fingerprint": sel.row_fingerprint,
+        "rows": list(sel.rows),
+        "kind": kind,
+    }
+    if stats.notes:  # how each kernel metric was computed, with its error bounds
+        attrs["estimates"] = json.dumps(stats.notes, sort_keys=True)
+    ds = build_dataset(
         stats.matrices,
         [(u.model, u.layer) for u in sel.units],
         {m: METRICS[m].direction for m in spec.metrics},
-        {
-            "spec": json.dumps(spec.to_dict(), sort_keys=True),
-            "spec_identity": spec_identity(spec),
-            "reuse_identity": nightly.reuse_identity(spec),
-            "store_fingerprint": sel.row_fingerprint,
-            "rows": list(sel.rows),
-            "kind": kind,
-        },
+        attrs,
         keys=nightly.unit_keys(sel),
         bounds=stats.bounds,
     )
+    for m, note in stats.notes.items():
+        ds[m].attrs["estimate"] = json.dumps(note, sort_keys=True)
+        if f"{m}_lower" in ds:  # an approximation's error bars, not a bootstrap's bounds
+            for side in ("lower", "upper"):
+                ds[f"{m}_{side}"].attrs.update(method=note.get("error_bars", ""),
+                                               confidence_level=0.95)
+    return ds
 
 
 def spec_identity(spec: JobSpec) -> str:

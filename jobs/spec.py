@@ -5,6 +5,7 @@ store: s3://bucket/acts.zarr        # required: a store URL
 models: [bert-seed1, bert-seed2]    # optional, default: every model in the store
 layers: [layer3, layer7]            # optional, default: every layer; or {model: [layers]}
 metrics: [linear_cka, pwcca, procrustes]   # required
+metric_options: {rbf_cka: {threshold: 0.5}} # optional parameters of metrics that have them
 output: s3://bucket/results/run.zarr       # required: a results store URL
 rows: {start: 0, stop: 100000}      # optional subset of rows
 storage_options: {}                 # optional fsspec options for store and output
@@ -35,7 +36,8 @@ import yaml
 
 from repscope.errors import InputError, NotFoundError, SpecError
 
-TOP_KEYS = ("store", "models", "layers", "metrics", "output", "rows", "storage_options", "compute")
+TOP_KEYS = ("store", "models", "layers", "metrics", "metric_options", "output", "rows",
+            "storage_options", "compute")
 COMPUTE_KEYS = (
     "workers",
     "precision",
@@ -47,6 +49,10 @@ COMPUTE_KEYS = (
     "bootstrap",
     "bootstrap_shards",
     "executor",
+    "tile_rows",
+    "exact_rows",
+    "exact_entries",
+    "sample_rows",
 )
 PRECISIONS = ("float32", "float64")
 MAX_SPEC_BYTES = 1 << 20
@@ -100,6 +106,11 @@ class Compute:
     executor: where the tasks run: "process" (this process), "ray" (an embedded instance or
     the cluster of --address/RAY_ADDRESS) or "auto" (a cluster when an address is given,
     else this process for small jobs and memory:// stores, else an embedded Ray instance).
+    tile_rows: rows per block of the kernel metrics' row-block tiles (None = from memory).
+    exact_rows: up to this many rows the kernel metrics are exact; beyond, estimated on a
+    sample of ``sample_rows`` rows, with error bars. exact_entries: up to this many
+    pair values in all (units x n(n-1)/2), the median and RSA's ranks are exact; beyond,
+    from histograms with error bounds (docs/metrics.md).
     """
 
     workers: int | None = None
@@ -112,6 +123,10 @@ class Compute:
     bootstrap_shards: int = 20
     space: str = "auto"
     executor: str = "auto"
+    tile_rows: int | None = None
+    exact_rows: int = 100_000
+    exact_entries: int = 1 << 25
+    sample_rows: int = 4096
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,8 @@ class JobSpec:
     rows: tuple[int, int | None] = (0, None)
     storage_options: dict[str, Any] = field(default_factory=dict)
     compute: Compute = field(default_factory=Compute)
+    # {metric: {parameter: value}}, every parameter of the job's metrics that have any.
+    metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data, without storage_options (they may hold secrets)."""
@@ -153,13 +170,21 @@ class JobSpec:
                 "bootstrap": c.bootstrap,
                 "bootstrap_shards": c.bootstrap_shards,
                 "executor": c.executor,
+                "tile_rows": c.tile_rows,
+                "exact_rows": c.exact_rows,
+                "exact_entries": c.exact_entries,
+                "sample_rows": c.sample_rows,
             },
+            # Only when some metric has parameters: specs without them keep their identity.
+            **({"metric_options": self.metric_options} if self.metric_options else {}),
         }
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs' results comparable: everything but execution settings."""
         d = self.to_dict()
         d["compute"] = {"svcca_threshold": self.compute.svcca_threshold}
+        if self.metric_options:  # they change values: part of what reuse must match
+            d["compute"]["metric_options"] = d.pop("metric_options")
         return d
 
 
@@ -278,7 +303,7 @@ def parse_spec(text: str, source: str = "<spec>") -> JobSpec:
 
 def spec_from_dict(raw: Any, source: str = "<spec>") -> JobSpec:
     """Check a spec given as plain data (the YAML's top-level mapping)."""
-    from repscope.cluster.registry import check_metrics
+    from repscope.cluster.registry import check_metrics, metric_options
 
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a job spec is a mapping of keys {', '.join(TOP_KEYS)}")
@@ -295,6 +320,18 @@ def spec_from_dict(raw: Any, source: str = "<spec>") -> JobSpec:
         metrics = tuple(check_metrics(metrics))
     except InputError as exc:
         raise SpecError(f"{source}: metrics: {exc}") from None
+    options = _mapping(raw.get("metric_options"), "metric_options", source)
+    for name, given in options.items():
+        if name not in metrics:
+            raise SpecError(f"{source}: metric_options names {name!r}, which metrics does not "
+                            f"list{closest(name, metrics)}")
+        if not isinstance(given, dict):
+            raise SpecError(f"{source}: metric_options.{name} must be a mapping of parameters")
+    try:
+        resolved = {m: metric_options(m, options.get(m)) for m in metrics
+                    if metric_options(m)}
+    except InputError as exc:
+        raise SpecError(f"{source}: metric_options: {exc}") from None
     models = _names(raw["models"], "models", source) if raw.get("models") is not None else None
     layers = _layers(raw.get("layers"), source)
     return JobSpec(
@@ -306,6 +343,7 @@ def spec_from_dict(raw: Any, source: str = "<spec>") -> JobSpec:
         rows=_rows(raw.get("rows"), source),
         storage_options=_mapping(raw.get("storage_options"), "storage_options", source),
         compute=_compute(raw.get("compute"), source),
+        metric_options=resolved,
     )
 
 
@@ -465,7 +503,14 @@ def _compute(value: Any, source: str) -> Compute:
             f"{source}: compute.executor must be one of {', '.join(EXECUTORS)}, got "
             f"{shown(executor)}"
         )
+    tile_rows = value.get("tile_rows")
+    tile_rows = None if tile_rows is None else _int(tile_rows, "compute.tile_rows", source, 2)
     return Compute(
+        tile_rows=tile_rows,
+        exact_rows=_int(value.get("exact_rows", 100_000), "compute.exact_rows", source, 3),
+        exact_entries=_int(value.get("exact_entries", 1 << 25), "compute.exact_entries",
+                           source, 0),
+        sample_rows=_int(value.get("sample_rows", 4096), "compute.sample_rows", source, 16),
         executor=executor,
         bootstrap=bootstrap,
         bootstrap_shards=shards,
