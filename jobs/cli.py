@@ -195,7 +195,10 @@ def refuse_memory_urls(args: argparse.Namespace) -> None:
     def check(url, role: str) -> None:
         if not isinstance(url, str) or scheme_of(url) != "memory":
             return
-        if role == "read":
+        if args.command == "submit":
+            why = ("the cluster cannot read this process's memory (memory:// lives inside "
+                   "one process)")
+        elif role == "read":
             why = "it is empty in a new command (memory:// lives inside one process)"
         else:
             why = (f"what `repscope {args.command}` writes there would vanish when it exits "
@@ -207,8 +210,12 @@ def refuse_memory_urls(args: argparse.Namespace) -> None:
     check(getattr(args, "store", None), "write" if writes else "read")
     check(getattr(args, "results", None), "read")
     if args.command in _SPEC_COMMANDS and isinstance(getattr(args, "spec", None), str):
+        from repscope.jobs.capture_spec import is_capture_spec, load_capture_spec
         from repscope.jobs.spec import load_spec
 
+        if args.command == "submit" and is_capture_spec(args.spec):
+            check(load_capture_spec(args.spec).store, "write")
+            return
         spec = load_spec(args.spec)
         check(spec.store, "read")
         check(spec.output, "write")

@@ -72,6 +72,7 @@ def main(argv=None) -> int:
         scores.append(f"{name},{accuracy}")
         print(f"  {name}: test accuracy {accuracy:.3f}, 4 hidden layers ingested", flush=True)
     (out / "scores.csv").write_text("\n".join(scores) + "\n")  # for `repscope ground`
+    checkpoints = write_checkpoints(out)
 
     spec = out / "demo-job.yaml"
     spec.write_text(
@@ -96,10 +97,50 @@ def main(argv=None) -> int:
         f"  (xarray.open_zarr)\nreport:   {page} (interactive) and {len(files)} PNG heatmaps "
         f"in {report_dir}\n"
         f"seed 0 vs seed 1 (CKA, PWCCA, Procrustes side by side): {side_by_side}\n"
+        f"{checkpoints}\n"
         f"demo finished in {time.perf_counter() - t0:.0f} s",
         flush=True,
     )
     return 0
+
+
+# A small corpus for the checkpoints' probe set: short sentences of a few dozen words.
+_WORDS = ("the a one two three four five six seven eight nine zero digit written small big "
+          "round straight line loop top bottom left right closed open stroke curve").split()
+
+
+def write_checkpoints(out: Path, seeds=SEEDS) -> str:
+    """Tiny BERT checkpoints (random init, one per seed, a word-level tokenizer) and a probe
+    text, for the README's capture step: ``out/checkpoints/tiny-bert-seed<k>/`` and
+    ``out/probes.txt``. Needs the capture extra; without it, says so and writes nothing."""
+    try:
+        import torch
+        from tokenizers import Tokenizer, models, pre_tokenizers, processors
+        from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    except ImportError:
+        return "checkpoints: skipped (pip install 'repscope[capture]' for the capture step)"
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {word: i for i, word in enumerate(special + _WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]",
+                                   unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                   mask_token="[MASK]", model_max_length=64)
+    folder = out / "checkpoints"
+    for seed in seeds:
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4,
+                            num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=64)
+        path = folder / f"tiny-bert-seed{seed}"
+        BertModel(config).save_pretrained(path)
+        fast.save_pretrained(path)
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(_WORDS, size=rng.integers(4, 16))) for _ in range(300)]
+    (out / "probes.txt").write_text("\n".join(lines) + "\n")
+    return f"checkpoints: {folder} ({len(seeds)} tiny BERTs) and {out / 'probes.txt'}"
 
 
 def _fresh(store_url: Path) -> Path:

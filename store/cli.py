@@ -17,7 +17,6 @@ from repscope.store.activation_store import ActivationStore
 from repscope.store.hints import cli_spelling
 from repscope.store.ingest import ingest_path
 from repscope.store.layout import STORAGE_DTYPES, format_bytes
-from repscope.store.urls import redact, scheme_of
 
 
 def register(subparsers: Any) -> None:
@@ -100,19 +99,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def refuse_memory_url(url: str, command: str) -> None:
-    """memory:// lives inside one process: a command would write or read nothing that lasts."""
-    if scheme_of(url) == "memory":
-        effect = "lose the data when it exits" if command == "ingest" else "find it empty"
-        raise InputError(
-            f"{redact(url)[:200]}: a memory:// store exists only inside one Python process, "
-            f"so 'repscope {command}' would {effect}; use a path or an s3:// URL "
-            "(memory:// works from the Python API)"
-        )
-
-
 def _ingest(args: argparse.Namespace) -> int:
-    refuse_memory_url(args.store, "ingest")
     options = parse_storage_options(args.storage_option)
 
     def progress(line: str) -> None:
@@ -156,7 +143,6 @@ def describe(store: ActivationStore) -> dict:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    refuse_memory_url(args.store, "inspect")
     options = parse_storage_options(args.storage_option)
     store = ActivationStore.open(args.store, options or None)
     info = describe(store)

@@ -71,6 +71,23 @@ def reference() -> Path:
     return reference_dir()
 
 
+@pytest.fixture(scope="session")
+def demo_output(tmp_path_factory) -> Path:
+    """`make demo`'s output folder (``<repo>/demo-output``, in a folder of its own), made
+    once for the session; what it printed is in ``demo-output/printed.txt``."""
+    import contextlib
+    import io
+
+    from repscope.jobs.demo import main
+
+    out = tmp_path_factory.mktemp("repo") / "demo-output"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--out", str(out)]) == 0
+    (out / "printed.txt").write_text(printed.getvalue())
+    return out
+
+
 @pytest.fixture(scope="module")
 def embedded_ray():
     """The embedded local Ray instance `repscope run` starts in this process; shut down

@@ -8,9 +8,9 @@ import xarray as xr
 from repscope.jobs.demo import main
 
 
-def test_demo_writes_results_and_heatmaps(tmp_path, capsys):
-    assert main(["--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+def test_demo_writes_results_and_heatmaps(demo_output):
+    tmp_path = demo_output
+    out = (demo_output / "printed.txt").read_text()
     assert "mlp-seed0__vs__mlp-seed1.png" in out
     ds = xr.open_zarr(tmp_path / "results.zarr")
     assert set(ds.data_vars) == {"linear_cka", "pwcca", "procrustes"}
@@ -25,9 +25,11 @@ def test_demo_writes_results_and_heatmaps(tmp_path, capsys):
     assert (tmp_path / "scores.csv").read_text().startswith("model,score\nmlp-seed0,")
 
 
-def test_demo_runs_again_on_its_own_output(tmp_path, capsys):
+def test_demo_runs_again_on_its_own_output(demo_output, tmp_path, capsys):
     """A second `make demo` replaces its own store (not a user's) and succeeds."""
-    assert main(["--out", str(tmp_path)]) == 0
+    import shutil
+
+    shutil.copytree(demo_output, tmp_path, dirs_exist_ok=True)
     assert main(["--out", str(tmp_path)]) == 0
     capsys.readouterr()
     (tmp_path / "acts.zarr").rename(tmp_path / "mine")

@@ -152,7 +152,7 @@ TABLE = [
          "memory://x/r.zarr: what `repscope run` writes there would vanish when it exits"),
     Case("submit: memory:// output",
          lambda t: ["submit", spec(t, "memory://x/r.zarr"), "--address", "http://127.0.0.1:9"],
-         2, "would vanish when it exits"),
+         2, "memory://x/r.zarr: the cluster cannot read this process's memory"),
     Case("run: memory:// store", lambda t: ["run", spec(t, store="memory://x/acts.zarr")], 2,
          "memory://x/acts.zarr: it is empty in a new command"),
     Case("ingest: memory:// store", lambda t: ["ingest", "memory://x/s.zarr", "m", "a.npy"], 2,

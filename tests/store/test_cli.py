@@ -194,9 +194,9 @@ def _format1_root(store_path) -> None:
         ("ftp", "inspect", 2, r"unsupported store URL ftp://host/x: supported are"),
         ("chained", "inspect", 2, r"unsupported store URL simplecache::s3://b/x: chained"),
         ("no-bucket", "inspect", 2, r"store URL s3:// names no bucket"),
-        ("memory", "ingest", 2, r"memory://repscope-cli/x: a memory:// store exists only inside "
-                                r"one Python process, so 'repscope ingest' would lose the data"),
-        ("memory", "inspect", 2, r"'repscope inspect' would find it empty"),
+        ("memory", "ingest", 2, r"memory://repscope-cli/x: what `repscope ingest` "
+                                r"writes there would vanish when it exits"),
+        ("memory", "inspect", 2, r"it is empty in a new command"),
         ("file", "ingest", 2, r"is a file, not a store"),
         ("file", "inspect", 2, r"is a file, not a store"),
         ("missing", "inspect", 2, r"no store at .*st; create one with 'repscope ingest'"),
