@@ -11,9 +11,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from repscope.cluster.caches import UnitCache, debiased_hsic
+from repscope.cluster.caches import UnitCache, check_finite, debiased_hsic
 from repscope.cluster.moments import PairMoments
-from repscope.cluster.registry import CCA_FAMILY, check_metrics
+from repscope.cluster.registry import CCA_FAMILY, METRICS, check_metrics
 from repscope.errors import InputError
 
 __all__ = [
@@ -41,14 +41,18 @@ def linear_cka_debiased(m: PairMoments, cx: UnitCache, cy: UnitCache) -> float:
     return float(hsic / (cx.self_hsic * cy.self_hsic))
 
 
-def pwcca_weights(root: np.ndarray, directions: np.ndarray, k: int) -> np.ndarray:
-    """Weights alpha_i = sum_j |(Cxx Wx U)_ji| over all p directions, normalised, first k.
+def pwcca_weights(root: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """PWCCA's weights of the k canonical variates that exist: shape (k,), summing to 1.
 
-    As sim_metric's ``pwcca_dist``: the normaliser runs over every column of the full U (the
-    p - min(p, q) directions without a correlation included), then the weights are truncated.
+    ``root`` (p, r) is the unit's ``Cxx basis`` and ``directions`` (r, k) its first k =
+    min(rank x, rank y) canonical directions in that basis, so column i of ``root @
+    directions`` holds the covariances of the p features with canonical variate h_i.
+    alpha_i = sum_j |<h_i, x_j>| (Morcos et al. 2018), normalised over the k variates; the
+    directions without a partner (there are none beyond k) and any basis completion play
+    no part, so the value does not depend on LAPACK's choices (docs/metrics.md).
     """
     weights = np.abs(root @ directions).sum(axis=0)
-    return weights[:k] / weights.sum()
+    return weights / weights.sum()
 
 
 def procrustes(cxy: np.ndarray, cx: UnitCache, cy: UnitCache,
@@ -101,10 +105,17 @@ def compare_pair(
     metrics : names (None: those both caches were prepared for).
     nuclear : ||Cxy||_* for Procrustes, if already computed (None: computed here).
 
-    Both orders come from one decomposition: the full SVD ``Wx Cxy Wy = U S V^T`` gives the
-    canonical correlations S (length min(p, q)), x's canonical directions U (p x p) and y's V
-    (q x q). Only PWCCA differs between the orders. Cost: O((p + q)^3) per pair (the whitened
-    product, one SVD for the CCA family, one for SVCCA, one of Cxy for Procrustes).
+    Both orders come from one decomposition: with Bx (p, rx) and By (q, ry) the whitened
+    bases of the units' kept directions, the thin SVD ``Bx^T Cxy By = U S V^T`` gives the
+    k = min(rx, ry) canonical correlations S, x's canonical directions U (rx, k) and y's V
+    (ry, k). Only PWCCA differs between the orders. SVCCA reads the top-left block of the
+    same product (its bases are the first columns of Bx, By). Cost: O(p q r + r^3) per pair
+    (r the larger rank) and one SVD of Cxy for Procrustes.
+
+    Raises
+    ------
+    InputError
+        Mismatched units or moments; a non-finite value (naming the pair).
     """
     if metrics is None:
         metrics = tuple(k for k in cx.metrics if k in cy.metrics)
@@ -129,23 +140,28 @@ def compare_pair(
         both("linear_cka", linear_cka(m.cxy, cx, cy))
     if "linear_cka_debiased" in metrics:
         both("linear_cka_debiased", linear_cka_debiased(m, cx, cy))
+    if any(METRICS[k].needs_whitening for k in metrics):
+        # The cross moments in the whitened bases of the kept directions: (rank x, rank y).
+        whitened = cx.basis.T @ m.cxy @ cy.basis
     if any(k in CCA_FAMILY for k in metrics):
-        whitened = cx.whitening @ m.cxy @ cy.whitening
+        # Published convention: the mean runs over min(p, q); directions below the rank
+        # cut (and beyond min(rank x, rank y)) count as correlation 0.
+        width = min(cx.dim, cy.dim)
         if "pwcca" in metrics:
-            u, rho, vt = np.linalg.svd(whitened, full_matrices=True)
-            k = rho.size
-            xy = float(pwcca_weights(cx.root, u, k) @ rho)
-            yx = float(pwcca_weights(cy.root, vt.T, k) @ rho)
-            out["pwcca"] = (xy, yx)
+            u, rho, vt = np.linalg.svd(whitened, full_matrices=False)
+            out["pwcca"] = (float(pwcca_weights(cx.root, u) @ rho),
+                            float(pwcca_weights(cy.root, vt.T) @ rho))
         else:
             rho = np.linalg.svd(whitened, compute_uv=False)
         if "mean_cca" in metrics:
-            both("mean_cca", float(rho.mean()))
+            both("mean_cca", float(rho.sum() / width))
         if "mean_sq_cca" in metrics:
-            both("mean_sq_cca", float(np.mean(rho * rho)))
+            both("mean_sq_cca", float(np.sum(rho * rho) / width))
     if "svcca" in metrics:
-        rho_k = np.linalg.svd(cx.svcca.T @ m.cxy @ cy.svcca, compute_uv=False)
-        both("svcca", float(rho_k.mean()))
+        block = whitened[: cx.svcca_dims, : cy.svcca_dims]
+        both("svcca", float(np.linalg.svd(block, compute_uv=False).mean()))
     if "procrustes" in metrics:
         both("procrustes", procrustes(m.cxy, cx, cy, nuclear))
+    for k, (xy, yx) in out.items():
+        check_finite([xy, yx], f"{k} of units {cx.name!r} and {cy.name!r}")
     return {k: out[k] for k in metrics}

@@ -39,9 +39,12 @@ COMPUTE_KEYS = (
     "checkpoint_seconds",
     "bootstrap",
     "bootstrap_shards",
+    "eig_floor",
+    "ambiguous_rank",
 )
 PRECISIONS = ("float32", "float64")
 SPACES = ("auto", "feature", "sample")
+AMBIGUOUS_RANK = ("recompute", "refuse")
 
 
 def closest(name: str, choices) -> str:
@@ -66,6 +69,13 @@ class Compute:
     matrix entry (0: none); bootstrap_shards: the row shards it resamples.
     space: "feature" (d x d moments per unit pair, cost n d^2), "sample" (n x n Gram per
     unit, cost n^2 d) or "auto" (the planner picks the cheaper one that fits memory).
+    eig_floor: None ("auto": each unit's rank cut follows from the precision of its
+    statistics, docs/metrics.md) or a relative cut in [0, 1): eigenvalues <= eig_floor *
+    the largest are dropped by every metric that whitens.
+    ambiguous_rank: what to do with a unit whose float32 statistics cannot decide its rank
+    (no clear gap between signal and rounding noise): "recompute" its statistics in float64
+    (default: correct numbers at the cost of that unit's float64 pass), or "refuse" (an
+    error naming the unit).
     """
 
     workers: int | None = None
@@ -77,6 +87,8 @@ class Compute:
     bootstrap: int = 0
     bootstrap_shards: int = 20
     space: str = "auto"
+    eig_floor: float | None = None
+    ambiguous_rank: str = "recompute"
 
 
 @dataclass(frozen=True)
@@ -117,6 +129,8 @@ class JobSpec:
                 "checkpoint_seconds": c.checkpoint_seconds,
                 "bootstrap": c.bootstrap,
                 "bootstrap_shards": c.bootstrap_shards,
+                "eig_floor": "auto" if c.eig_floor is None else c.eig_floor,
+                "ambiguous_rank": c.ambiguous_rank,
             },
         }
 
@@ -306,6 +320,16 @@ def _compute(value: Any, source: str) -> Compute:
     if bootstrap == 1:
         raise SpecError(f"{source}: compute.bootstrap needs at least 2 replicates (or 0)")
     shards = _int(value.get("bootstrap_shards", 20), "compute.bootstrap_shards", source, 2)
+    floor = value.get("eig_floor", "auto")
+    if floor in ("auto", None):
+        floor = None
+    elif isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor < 1:
+        raise SpecError(f"{source}: compute.eig_floor must be 'auto' or a number in [0, 1), "
+                        f"got {floor!r}")
+    ambiguous = value.get("ambiguous_rank", "recompute")
+    if ambiguous not in AMBIGUOUS_RANK:
+        raise SpecError(f"{source}: compute.ambiguous_rank must be one of "
+                        f"{', '.join(AMBIGUOUS_RANK)}, got {ambiguous!r}")
     return Compute(
         bootstrap=bootstrap,
         bootstrap_shards=shards,
@@ -316,4 +340,6 @@ def _compute(value: Any, source: str) -> Compute:
         svcca_threshold=float(threshold),
         checkpoint_seconds=float(every),
         space=space,
+        eig_floor=None if floor is None else float(floor),
+        ambiguous_rank=ambiguous,
     )
