@@ -9,6 +9,8 @@
   with the rows and its size against the job's accumulators.
 - N: one job of S1's shape at 60,000 rows on a loopback cluster of 1 node and of 2 nodes of
   1 CPU each (`ray start`, token auth): the speedup of the second node.
+- F: finishing pairs (mean CCA, PWCCA, Procrustes) at widths 256, 512 and 1,024 against the
+  previous round's finishing, same moments, same threads (bench/finish.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ TARGETS = {
     "M peak ratio at 4x rows (at most)": 1.25,
     "M peak / (1.5 accumulators + 1 GiB) (at most)": 1.0,
     "N speedup on 2 nodes": 1.7,
+    "F finishing speedup, smallest of 256/512/1024": 3.0,
 }
 
 
@@ -155,7 +158,13 @@ def _wait_for_cpus(address: str, cpus: int, timeout: float = 120) -> None:
                    timeout=timeout)
 
 
-BENCHES = {"S1": bench_s1, "S2": bench_s2, "M": bench_m, "N": bench_n}
+def bench_f(cache: str, outdir: str, quick: bool) -> dict:
+    from bench.finish import bench_finish
+
+    return {"widths": bench_finish(quick=quick)}
+
+
+BENCHES = {"S1": bench_s1, "S2": bench_s2, "M": bench_m, "N": bench_n, "F": bench_f}
 
 
 def verdicts(rows: dict) -> list[tuple[str, float, float, bool]]:
@@ -174,6 +183,9 @@ def verdicts(rows: dict) -> list[tuple[str, float, float, bool]]:
         got["M peak / (1.5 accumulators + 1 GiB) (at most)"] = rows["M"]["peak_over_bound"]
     if "N" in rows:
         got["N speedup on 2 nodes"] = rows["N"]["speedup_2_nodes"]
+    if "F" in rows:
+        got["F finishing speedup, smallest of 256/512/1024"] = min(
+            w["speedup"] for w in rows["F"]["widths"].values())
     out = []
     for name, value in got.items():
         wanted = TARGETS[name]

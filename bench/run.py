@@ -232,8 +232,8 @@ def bench_workload(w, cache: str, outdir: str, quick: bool) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 cores)")
-    ap.add_argument("--workloads", default="S1,S2,M,N,K1",
-                    help="comma-separated: S1,S2,M,N (bench/everyday.py, minutes), K1 (kernel "
+    ap.add_argument("--workloads", default="S1,S2,M,N,F,K1",
+                    help="comma-separated: S1,S2,M,N,F (bench/everyday.py, minutes), K1 (kernel "
                     "metrics, bench/kernels.py) and W1,W2,W3,W4 (the large workloads, most of "
                     "an hour)")
     ap.add_argument("--rows", type=int, help="override the rows of W1/W3 (W3 gets 4x)")

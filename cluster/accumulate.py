@@ -41,14 +41,24 @@ __all__ = ["ShiftedBlock", "shift_block", "TileAccumulator", "block_moments"]
 _COLUMN_STEP = 1024
 # Rows per step of the fourth-order terms, which need float64 temporaries of a block's width.
 _FOURTH_ROWS = 8192
+# Entries per chunk of the shift: a chunk stays in cache for its min and max.
+_CHUNK_ELEMENTS = 1 << 16
 
 
 def _column_mean(z: np.ndarray, side: str) -> np.ndarray:
     """Float64 column mean; a NaN or Inf anywhere in the block makes it non-finite."""
-    mean = z.mean(axis=0, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, by name
+        mean = z.mean(axis=0, dtype=np.float64)
     if not np.all(np.isfinite(mean)):
         cols = np.flatnonzero(~np.isfinite(mean))[:5].tolist()
-        raise InputError(f"group {side} has NaN or Inf values in columns {cols} of this block")
+        column = z[:, cols[0]]
+        bad = np.flatnonzero(~np.isfinite(column))
+        if bad.size:
+            raise InputError(f"group {side} has NaN or Inf values in columns {cols} of this "
+                             f"block (first at row {int(bad[0])})")
+        raise InputError(f"group {side} has values too large to sum in float64 in columns "
+                         f"{cols} of this block (largest at row "
+                         f"{int(np.argmax(np.abs(column)))})")
     return mean
 
 
@@ -56,13 +66,35 @@ def _column_mean(z: np.ndarray, side: str) -> np.ndarray:
 class ShiftedBlock:
     """A row block shifted by its own column mean rounded to the GEMM dtype.
 
-    z: (rows, d) = block - K in the GEMM dtype, C-contiguous; shift: K as float64, (d,);
-    offset: s = rows * (mean - K), float64, (d,).
+    z: (rows, d) = (block - K) * scale in the GEMM dtype, C-contiguous; shift: K as float64,
+    (d,); offset: s = rows * (mean - K), float64, (d,); scale: None (the usual case), or the
+    powers of two (d,) that brought columns with extreme values into the range where the
+    products neither overflow nor underflow (undone exactly, in float64, after the product).
     """
 
     z: np.ndarray
     shift: np.ndarray
     offset: np.ndarray
+    scale: np.ndarray | None = None
+
+
+def _column_scales(peak: np.ndarray, rows: int, dtype: np.dtype) -> np.ndarray | None:
+    """Powers of two for the columns whose largest magnitude ``peak`` would overflow a sum
+    of ``rows`` products (or whose products would underflow), None when there is none.
+
+    Overflow: a product entry is at most rows * peak_i * peak_j, so peaks above
+    sqrt(max / (4 rows)) are scaled. Underflow: products of two peaks below sqrt(tiny / eps)
+    lose digits to subnormals. A scaled column's peak lands in [0.5, 1).
+    """
+    info = np.finfo(dtype)
+    high = np.sqrt(float(info.max) / (4.0 * max(rows, 1)))
+    low = np.sqrt(float(info.tiny) / float(info.eps))
+    extreme = (peak > high) | ((peak > 0) & (peak < low))
+    if not extreme.any():
+        return None
+    scale = np.ones(peak.shape[0])
+    scale[extreme] = np.ldexp(1.0, -np.frexp(peak[extreme])[1])
+    return scale
 
 
 def shift_block(z: np.ndarray, gemm_dtype, side: str = "a",
@@ -70,20 +102,44 @@ def shift_block(z: np.ndarray, gemm_dtype, side: str = "a",
     """Shift a (rows, d) block for :meth:`TileAccumulator.update`; in place when
     ``overwrite`` and z already has the GEMM dtype. A reader thread can do this while the
     previous block's product runs (numpy releases the GIL for the mean and the subtraction).
+
+    The subtraction runs in cache-sized row chunks that also give each column's largest
+    magnitude (no extra pass over memory); columns whose values would overflow or underflow
+    the products are scaled by powers of two (:func:`_column_scales`), exactly.
     """
     dtype = np.dtype(gemm_dtype)
     z = np.asarray(z)
     if z.ndim != 2:
         raise InputError(f"group {side} block has shape {z.shape}; expected (rows, features)")
-    mean = _column_mean(z, side) if z.shape[0] else np.zeros(z.shape[1])
+    rows, d = z.shape
+    mean = _column_mean(z, side) if rows else np.zeros(d)
     shift = mean.astype(dtype)
+    if not np.all(np.isfinite(shift)):
+        cols = np.flatnonzero(~np.isfinite(shift))[:5].tolist()
+        raise InputError(f"group {side} has column means beyond the {dtype} range in columns "
+                         f"{cols} of this block; use float64 products")
     if overwrite and z.dtype == dtype and z.flags.writeable and z.flags.c_contiguous:
         zc = z
-        zc -= shift
     else:
-        zc = np.subtract(z, shift, dtype=dtype)
+        zc = np.empty(z.shape, dtype)
+    high = np.full(d, -np.inf, dtype)
+    low = np.full(d, np.inf, dtype)
+    step = max(16, _CHUNK_ELEMENTS // max(d, 1))
+    for lo in range(0, rows, step):
+        part = np.subtract(z[lo:lo + step], shift, out=zc[lo:lo + step], dtype=dtype,
+                           casting="unsafe")
+        np.maximum(high, part.max(axis=0), out=high)
+        np.minimum(low, part.min(axis=0), out=low)
+    peak = np.maximum(high, -low).astype(np.float64) if rows else np.zeros(d)
+    if not np.all(np.isfinite(peak)):
+        cols = np.flatnonzero(~np.isfinite(peak))[:5].tolist()
+        raise InputError(f"group {side} has values beyond the {dtype} range in columns "
+                         f"{cols} of this block; use float64 products")
+    scale = _column_scales(peak, rows, dtype)
+    if scale is not None:
+        zc *= scale.astype(dtype)
     shift64 = shift.astype(np.float64)
-    return ShiftedBlock(zc, shift64, z.shape[0] * (mean - shift64))
+    return ShiftedBlock(zc, shift64, rows * (mean - shift64), scale)
 
 
 def _check_widths(widths: Sequence[int] | None, side: str) -> tuple[int, ...] | None:
@@ -182,14 +238,25 @@ class TileAccumulator:
         if self.acc is None:
             raise InputError("the accumulator's result was taken; start a new accumulator")
         # cluster.blas releases the GIL, so a reader thread prefetches during the product.
+        scaled = a.scale is not None or b.scale is not None
+        if scaled:
+            # Undo the columns' powers of two (exact) in float64, where the products fit.
+            inv_a = 1.0 / (np.ones(self.d_a) if a.scale is None else a.scale)
+            inv_b = 1.0 / (np.ones(self.d_b) if b.scale is None else b.scale)
         if self.diagonal:
             syrk_upper(a.z, self._buf)
             for j in range(0, self.d_b, _COLUMN_STEP):  # only the upper triangle was written
                 top, cols = j + _COLUMN_STEP, slice(j, j + _COLUMN_STEP)
-                np.add(self.acc[:top, cols], self._buf[:top, cols], out=self.acc[:top, cols])
+                part = self._buf[:top, cols]
+                if scaled:
+                    part = part * np.outer(inv_a[:top], inv_b[cols])
+                np.add(self.acc[:top, cols], part, out=self.acc[:top, cols])
         else:
             gemm_tn(a.z, b.z, self._buf)
-            np.add(self.acc, self._buf, out=self.acc)
+            if scaled:
+                np.add(self.acc, self._buf * np.outer(inv_a, inv_b), out=self.acc)
+            else:
+                np.add(self.acc, self._buf, out=self.acc)
             self._shift_b.append(b.shift)
             self._sum_b.append(b.offset)
         if self.fourth:
@@ -216,19 +283,19 @@ class TileAccumulator:
         # Rows around R: x~ = z + delta with delta = K_b - R (exact in float64).
         delta_a, delta_b = a.shift - raw.ref_a, b.shift - raw.ref_b
         for lo in range(0, a.z.shape[0], _FOURTH_ROWS):
-            za = a.z[lo:lo + _FOURTH_ROWS]
+            za = _unscaled(a.z[lo:lo + _FOURTH_ROWS], a.scale)
             norms_a = _row_norms(za, delta_a, self.widths_a)  # a~_iu, (rows, k_a)
-            norms_b = norms_a if self.diagonal else _row_norms(
-                b.z[lo:lo + _FOURTH_ROWS], delta_b, self.widths_b)
+            zb = za if self.diagonal else _unscaled(b.z[lo:lo + _FOURTH_ROWS], b.scale)
+            norms_b = norms_a if self.diagonal else _row_norms(zb, delta_b, self.widths_b)
             raw.s += norms_a.T @ norms_b
             raw.ta += norms_a.sum(axis=0)
             tb = norms_b.sum(axis=0)
             raw.tb += tb
-            # p~ = sum_i b~_iv x~_i = z^T b~ + delta (sum_i b~_iv): the product in GEMM dtype.
-            raw.p += cross_product(za, norms_b.astype(self.dtype)) + np.outer(delta_a, tb)
+            # p~ = sum_i b~_iv x~_i = z^T b~ + delta (sum_i b~_iv): the product in GEMM dtype,
+            # unless extreme values (scaled blocks, or norms past its range) need float64.
+            raw.p += _product(za, norms_b, self.dtype) + np.outer(delta_a, tb)
             if not self.diagonal:
-                zb = b.z[lo:lo + _FOURTH_ROWS]
-                raw.q += (cross_product(zb, norms_a.astype(self.dtype))
+                raw.q += (_product(zb, norms_a, self.dtype)
                           + np.outer(delta_b, norms_a.sum(axis=0)))
 
     # -- finalize -------------------------------------------------------------------------
@@ -271,6 +338,19 @@ class TileAccumulator:
                                          self.widths_b, self.diagonal)
         return CrossMoments(n, mean_a, mean_b, c, self.widths_a, self.widths_b, s, p, q, ta,
                             tb, self.diagonal)
+
+
+def _unscaled(z: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """A chunk of a shifted block without its columns' powers of two (float64 if scaled)."""
+    return z if scale is None else z / scale
+
+
+def _product(z: np.ndarray, norms: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``z^T norms`` as float64: in the GEMM dtype when both fit its range, else float64."""
+    limit = float(np.finfo(dtype).max) / (4.0 * max(z.shape[0], 1))
+    if z.dtype == dtype and float(norms.max(initial=0.0)) ** 2 < limit:
+        return cross_product(z, norms.astype(dtype))
+    return cross_product(z.astype(np.float64, copy=False), norms)
 
 
 def _row_norms(z: np.ndarray, delta: np.ndarray, widths: tuple[int, ...]) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Per-unit work, done once per unit and reused for every pair that contains it.
 
-The work that belongs to a unit (traces, ``||Cxx||_F``, the eigendecomposition,
-``Cxx^(-1/2)``, the SVCCA basis, the debiased self-HSIC) is done once by :func:`prepare_unit`
-(netrep's per-network precompute); :mod:`repscope.cluster.pairs` does the per-pair work.
-Conventions follow the authors' code (docs/metrics.md).
+The work that belongs to a unit (traces, ``||Cxx||_F``, the eigendecomposition and the rank
+decision, the whitened basis of the kept directions, the debiased self-HSIC) is done once by
+:func:`prepare_unit` (netrep's per-network precompute); :mod:`repscope.cluster.pairs` does
+the per-pair work. Conventions follow the authors' code (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -14,54 +14,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repscope.cluster.linalg import inverse_sqrt, sorted_eigh
 from repscope.cluster.moments import UnitMoments
-from repscope.cluster.registry import CCA_FAMILY, METRICS, FewRowsWarning, check_metrics
+from repscope.cluster.rank import decide_rank, spectrum, zero_variance
+from repscope.cluster.registry import METRICS, FewRowsWarning, check_metrics
 from repscope.errors import InputError
 
 __all__ = [
-    "EIG_FLOOR",
     "UnitCache",
     "prepare_unit",
-    "whitening_matrix",
-    "whitened_root",
-    "svcca_basis",
+    "ambiguous_units",
+    "svcca_dims",
     "debiased_hsic",
+    "check_finite",
 ]
 
-#: Eigenvalues of Cxx at or below ``EIG_FLOOR * max eigenvalue`` count as zero: their inverse
-#: square root is 0 (dead and collinear directions carry no canonical correlation). float64
-#: rounding leaves true zeros near 1e-16 * max, well below; real directions of the reference
-#: activations are above 1e-7 * max.
-EIG_FLOOR = 1e-10
 
-def whitening_matrix(evals: np.ndarray, evecs: np.ndarray, floor: float) -> np.ndarray:
-    """``Cxx^(-1/2)`` by eigh, floored eigenvalues mapped to 0: ndarray of shape (p, p)."""
-    return (evecs * inverse_sqrt(evals, floor)) @ evecs.T
-
-
-def whitened_root(evals: np.ndarray, evecs: np.ndarray, floor: float) -> np.ndarray:
-    """``Cxx Cxx^(-1/2)`` (= Cxx^(1/2) on the kept directions): ndarray of shape (p, p).
-
-    Row j of ``Cxx Wx u_i`` is ``<x_j, h_i>``, the covariance of feature j with canonical
-    variate h_i = X Wx u_i: what PWCCA weights by (Morcos et al. 2018).
-    """
-    return (evecs * (evals * inverse_sqrt(evals, floor))) @ evecs.T
-
-
-def svcca_basis(
-    evals: np.ndarray, evecs: np.ndarray, threshold: float, floor: float
-) -> np.ndarray:
-    """Whitened top principal directions ``U_k diag(lambda_k)^(-1/2)``: shape (p, k).
-
-    k is the fewest eigendirections whose eigenvalues (variances) sum to at least
-    ``threshold`` of the total (Raghu et al. 2017, as in the reference values). In that basis
-    Cxx_k = diag(lambda_k), so CCA there needs no further whitening.
-    """
-    fraction = np.cumsum(evals) / evals.sum()
-    k = int(np.searchsorted(fraction, threshold)) + 1
-    k = min(k, int(np.count_nonzero(inverse_sqrt(evals, floor))))
-    return evecs[:, :k] * inverse_sqrt(evals[:k], floor)
+def svcca_dims(evals: np.ndarray, threshold: float, rank: int, total: float) -> int:
+    """Principal directions SVCCA keeps: the fewest whose eigenvalues (variances) sum to at
+    least ``threshold`` of ``total`` (tr C), never more than the ``rank`` kept ones (Raghu et
+    al. 2017, as in the reference values). Both spaces call this."""
+    fraction = np.cumsum(evals[:rank]) / total
+    return min(rank, int(np.searchsorted(fraction, threshold)) + 1)
 
 
 def debiased_hsic(
@@ -77,6 +50,17 @@ def debiased_hsic(
     return xty_sq - n / (n - 2.0) * sum_ab + trace_x * trace_y / ((n - 1.0) * (n - 2.0))
 
 
+def check_finite(values, what: str) -> None:
+    """Raise InputError naming ``what`` when any of ``values`` is NaN or infinite: a result
+    that cannot be trusted is an error, never a NaN in a finished matrix."""
+    bad = ~np.isfinite(np.asarray(values, dtype=np.float64))
+    if np.any(bad):
+        raise InputError(
+            f"{what} is not finite: the statistics overflowed or lost all precision "
+            "(activations with extreme values?); check the unit's rows"
+        )
+
+
 @dataclass(frozen=True)
 class UnitCache:
     """Per-unit work, done once and reused for every pair containing the unit.
@@ -86,12 +70,19 @@ class UnitCache:
     name : the unit's name, for messages.
     n : rows; dim : features p.
     metrics : the metric names this cache was prepared for.
+    precision : dtype of the products its statistics came from ("float32" or "float64").
     trace : tr Cxx. fro : ||Cxx||_F.
-    evals : ndarray of shape (p,), descending; evecs : ndarray of shape (p, p). Both None when
-        no metric needs them (CKA and Procrustes only: no O(p^3) work per unit).
-    whitening : ndarray of shape (p, p), Cxx^(-1/2) with the floor (CCA family), else None.
-    root : ndarray of shape (p, p), Cxx Cxx^(-1/2) (PWCCA weights), else None.
-    svcca : ndarray of shape (p, k), whitened top-k principal directions, else None.
+    evals : ndarray (p,), eigenvalues of Cxx, descending, clipped at 0; None when no metric
+        whitens (CKA and Procrustes only: no O(p^3) work per unit).
+    rank : the effective rank, eigenvalues above ``cut`` (None without evals).
+    cut : the absolute rank cut (:mod:`repscope.cluster.rank`), None without evals.
+    ambiguous : why float32 statistics cannot decide this unit's rank, or None (the pipeline
+        recomputes such a unit in float64 or refuses it, ``compute.ambiguous_rank``).
+    basis : ndarray (p, rank), ``U_r diag(lambda_r)^(-1/2)``: whitens the kept directions
+        (``basis^T Cxx basis = I``); its first ``svcca_dims`` columns are SVCCA's basis.
+    root : ndarray (p, rank), ``Cxx basis = U_r diag(lambda_r)^(1/2)``: row j of ``root u``
+        is the covariance of feature j with the canonical variate ``X basis u`` (PWCCA).
+    svcca_dims : principal directions SVCCA keeps (None unless prepared for it).
     self_hsic : sqrt of the debiased self-HSIC (debiased CKA's normaliser), else None.
     """
 
@@ -99,71 +90,80 @@ class UnitCache:
     n: int
     dim: int
     metrics: tuple[str, ...]
+    precision: str
     trace: float
     fro: float
-    evals: np.ndarray | None
-    evecs: np.ndarray | None
-    whitening: np.ndarray | None = None
+    evals: np.ndarray | None = None
+    rank: int | None = None
+    cut: float | None = None
+    ambiguous: str | None = None
+    basis: np.ndarray | None = None
     root: np.ndarray | None = None
-    svcca: np.ndarray | None = None
+    svcca_dims: int | None = None
     self_hsic: float | None = None
 
-    @property
-    def svcca_dims(self) -> int | None:
-        """Principal directions kept by SVCCA (None unless prepared for it)."""
-        return None if self.svcca is None else self.svcca.shape[1]
 
-
-def _is_constant(m: UnitMoments) -> bool:
-    """Zero variance: every feature constant, up to rounding of its mean."""
-    trace = float(np.trace(m.cxx))
-    scale = float(np.max(np.abs(m.mean), initial=0.0))
-    return trace <= m.n * m.cxx.shape[0] * (1e-12 * scale) ** 2
+def ambiguous_units(caches: dict[int, UnitCache] | Iterable[UnitCache]) -> list:
+    """The units whose float32 rank decision is ambiguous: keys of a dict of caches (or
+    positions in a sequence), for the pipeline to recompute in float64 or refuse."""
+    items = caches.items() if isinstance(caches, dict) else enumerate(caches)
+    return [k for k, c in items if c.ambiguous is not None and c.precision == "float32"]
 
 
 def prepare_unit(
     m: UnitMoments,
     metrics: Iterable[str] | None = None,
     *,
+    precision: str | type | np.dtype = "float32",
+    data_dtype: str | type | np.dtype = "float32",
     svcca_threshold: float = 0.99,
-    eig_floor: float = EIG_FLOOR,
+    eig_floor: float | None = None,
+    cut: float | None = None,
     name: str = "unit",
 ) -> UnitCache:
-    """Per-unit work for ``metrics``: one eigendecomposition of Cxx, cached matrices.
+    """Per-unit work for ``metrics``: the rank decision, cached bases.
 
     Parameters
     ----------
     m : the unit's moments (n rows, p features).
     metrics : metric names (None: all).
+    precision : dtype of the products that built ``m`` (the accumulator's ``gemm_dtype``):
+        it sets the rank cut. float32 (the default) is the safe choice when unknown.
+    data_dtype : the activations' storage dtype (float32, or float16 for such stores).
     svcca_threshold : fraction of variance SVCCA keeps, in (0, 1].
-    eig_floor : relative eigenvalue floor of the whitening (see :data:`EIG_FLOOR`).
+    eig_floor : an explicit relative cut (``compute.eig_floor``) replacing the
+        precision-derived one: eigenvalues <= eig_floor * lambda_max are dropped.
+    cut : an explicit absolute cut (a unit derived from another keeps its noise level).
     name : the unit's name in errors and warnings, e.g. "model_a/layer3".
 
     Raises
     ------
     InputError
-        Zero-variance unit (every metric is 0/0 there, and CCA undefined); fewer than 2 rows
-        (4 for debiased CKA); debiased CKA without fourth-order moments; bad parameters.
+        Non-finite moments; zero variance (below the rounding of the stored values: every
+        metric is 0/0 there) or no direction above the rank cut; fewer than 2 rows (4 for
+        debiased CKA); debiased CKA without fourth-order moments; bad parameters.
 
     Warns
     -----
     FewRowsWarning
-        When p >= n and a CCA-family metric is asked: Cxx is singular, the floor drops its null
+        When p >= n and a whitening metric is asked: Cxx is singular, the cut drops its null
         space and the canonical correlations of the remaining directions tend to 1.
 
     Notes
     -----
-    Cost O(p^3) (eigh, two p x p products); memory a few p x p matrices.
+    Cost O(p^3) (one eigh, two p x r scalings) when a metric whitens, else O(p^2); memory
+    a few p x p matrices while it runs, two p x r kept.
     """
     metrics = check_metrics(metrics)
+    precision = np.dtype(precision).name
     if not 0.0 < svcca_threshold <= 1.0:
         raise InputError(f"svcca_threshold must be in (0, 1], got {svcca_threshold}")
-    if not 0.0 <= eig_floor < 1.0:
-        raise InputError(f"eig_floor must be in [0, 1), got {eig_floor}")
     n, p = m.n, m.cxx.shape[0]
     if n < 2:
         raise InputError(f"unit {name!r} has {n} rows; similarity needs at least 2")
-    if _is_constant(m):
+    check_finite(m.cxx, f"unit {name!r}: its second moments")
+    trace = float(np.trace(m.cxx))
+    if zero_variance(trace, n, m.mean, data_dtype):
         raise InputError(
             f"unit {name!r} has zero variance (all {p} features constant over {n} rows): "
             f"{', '.join(metrics)} undefined; drop the unit or check the activations"
@@ -176,17 +176,28 @@ def prepare_unit(
             FewRowsWarning,
             stacklevel=2,
         )
-    evals = evecs = None
-    if whiten:
-        evals, evecs = sorted_eigh(m.cxx)
-    trace = float(np.trace(m.cxx))
     fields: dict = {}
-    if any(k in CCA_FAMILY for k in metrics):
-        fields["whitening"] = whitening_matrix(evals, evecs, eig_floor)
-    if "pwcca" in metrics:
-        fields["root"] = whitened_root(evals, evecs, eig_floor)
-    if "svcca" in metrics:
-        fields["svcca"] = svcca_basis(evals, evecs, svcca_threshold, eig_floor)
+    if whiten:
+        evals, evecs = spectrum(m.cxx)
+        decision = decide_rank(evals, gemm_dtype=precision,
+                               sum_squares=trace + n * float(m.mean @ m.mean),
+                               variances=np.diagonal(m.cxx), data_dtype=data_dtype,
+                               eig_floor=eig_floor, cut=cut)
+        r = decision.rank
+        if r == 0:
+            raise InputError(
+                f"unit {name!r} has no direction above the precision of its statistics "
+                f"({precision}): its variance is rounding noise; drop the unit or check "
+                "the activations"
+            )
+        kept = evals[:r]
+        fields.update(evals=np.maximum(evals, 0.0), rank=r, cut=decision.cut,
+                      ambiguous=decision.ambiguous,
+                      basis=np.ascontiguousarray(evecs[:, :r] / np.sqrt(kept)))
+        if "pwcca" in metrics:
+            fields["root"] = np.ascontiguousarray(evecs[:, :r] * np.sqrt(kept))
+        if "svcca" in metrics:
+            fields["svcca_dims"] = svcca_dims(kept, svcca_threshold, r, trace)
     fro = float(np.linalg.norm(m.cxx))
     if "linear_cka_debiased" in metrics:
         if m.sum_a2 is None:
@@ -196,5 +207,11 @@ def prepare_unit(
             )
         if n < 4:
             raise InputError(f"unit {name!r} has {n} rows; linear_cka_debiased needs >= 4")
-        fields["self_hsic"] = float(np.sqrt(debiased_hsic(fro**2, m.sum_a2, trace, trace, n)))
-    return UnitCache(name, n, p, metrics, trace, fro, evals, evecs, **fields)
+        hsic = debiased_hsic(fro**2, m.sum_a2, trace, trace, n)
+        check_finite(hsic, f"unit {name!r}: its debiased self-HSIC")
+        if hsic <= 0:
+            raise InputError(f"unit {name!r}: its debiased self-HSIC is {hsic:.3g}, not "
+                             "positive: linear_cka_debiased is undefined (too few rows, or "
+                             "a few rows with extreme values dominate the unit)")
+        fields["self_hsic"] = float(np.sqrt(hsic))
+    return UnitCache(name, n, p, metrics, precision, trace, fro, **fields)

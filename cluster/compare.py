@@ -15,10 +15,11 @@ from collections.abc import Iterable
 import numpy as np
 
 from repscope.cluster.accumulate import block_moments
-from repscope.cluster.caches import prepare_unit
+from repscope.cluster.caches import ambiguous_units, prepare_unit
 from repscope.cluster.kernel_tiles import kernel_matrices
 from repscope.cluster.moments import pair_moments, unit_moments
 from repscope.cluster.pairs import compare_pair
+from repscope.cluster.rank import AmbiguousRankError
 from repscope.cluster.registry import METRICS, check_metrics, metric_options
 from repscope.cluster.shape import prepare_shape, shape_angular
 from repscope.errors import InputError
@@ -50,6 +51,8 @@ def compare_arrays(
     svcca_threshold: float = 0.99,
     gemm_dtype: type | np.dtype = np.float64,
     options: dict | None = None,
+    eig_floor: float | None = None,
+    ambiguous_rank: str = "recompute",
 ) -> dict[str, float]:
     """Similarity of two representations of the same rows.
 
@@ -62,6 +65,11 @@ def compare_arrays(
     svcca_threshold : fraction of variance SVCCA keeps per side.
     gemm_dtype : dtype of the centered product (float32 for speed, float64 default).
     options : parameters of metrics that have them, {metric: {name: value}}.
+    eig_floor : an explicit relative rank cut (None: derived from the precision,
+        :mod:`repscope.cluster.rank`).
+    ambiguous_rank : with float32 products, when a unit's rank is ambiguous (no clear gap
+        between signal and rounding noise): "recompute" everything in float64 (default),
+        "refuse" (AmbiguousRankError naming the unit). The job's ``compute.ambiguous_rank``.
 
     Returns
     -------
@@ -77,6 +85,8 @@ def compare_arrays(
     Memory: a centered copy of [x y] and a (p + q)^2 product; cost n (p + q)^2 / 2.
     """
     metrics = check_metrics(metrics)
+    if ambiguous_rank not in ("recompute", "refuse"):
+        raise InputError(f"ambiguous_rank must be 'recompute' or 'refuse', got {ambiguous_rank!r}")
     x, y = _check_array(x, "x"), _check_array(y, "y")
     if x.shape[0] != y.shape[0]:
         raise InputError(
@@ -85,24 +95,36 @@ def compare_arrays(
     fourth = any(METRICS[k].needs_fourth for k in metrics)
     family = {f: [k for k in metrics if METRICS[k].family == f]
               for f in ("moments", "shape", "kernel")}
-    out: dict[str, float] = {}
-    if family["moments"] or family["shape"]:
-        z = np.hstack([x, y])
+    data = [a.dtype if a.dtype.kind == "f" else np.float64 for a in (x, y)]
+    z = np.hstack([x, y]) if family["moments"] or family["shape"] else None
+
+    def moment_values(dtype) -> dict[str, float]:
         tile = block_moments(z, widths_a=(x.shape[1], y.shape[1]), fourth=fourth,
-                             gemm_dtype=gemm_dtype)
-    if family["moments"]:
-        moments = family["moments"]
-        cx = prepare_unit(unit_moments(tile, 0), moments, svcca_threshold=svcca_threshold,
-                          name="x")
-        cy = prepare_unit(unit_moments(tile, 1), moments, svcca_threshold=svcca_threshold,
-                          name="y")
-        values = compare_pair(cx, cy, pair_moments(tile, 0, 1), moments)
-        out.update({k: xy for k, (xy, _yx) in values.items()})
-    for k in family["shape"]:
-        alpha = metric_options(k, (options or {}).get(k))["alpha"]
-        sx = prepare_shape(unit_moments(tile, 0), alpha, name="x")
-        sy = prepare_shape(unit_moments(tile, 1), alpha, name="y")
-        out[k] = shape_angular(sx, sy, pair_moments(tile, 0, 1).cxy)
+                             gemm_dtype=dtype)
+        out: dict[str, float] = {}
+        if family["moments"]:
+            cx, cy = (prepare_unit(unit_moments(tile, u), family["moments"], precision=dtype,
+                                   data_dtype=data[u], svcca_threshold=svcca_threshold,
+                                   eig_floor=eig_floor, name=name)
+                      for u, name in enumerate("xy"))
+            bad = ambiguous_units([cx, cy])
+            if bad:
+                first = (cx, cy)[bad[0]]
+                if ambiguous_rank == "refuse":
+                    raise AmbiguousRankError(
+                        f"unit {first.name!r}: float32 statistics cannot decide its rank "
+                        f"({first.ambiguous}); use gemm_dtype=float64 or set eig_floor")
+                return moment_values(np.float64)
+            values = compare_pair(cx, cy, pair_moments(tile, 0, 1), family["moments"])
+            out.update({k: xy for k, (xy, _yx) in values.items()})
+        for k in family["shape"]:
+            alpha = metric_options(k, (options or {}).get(k))["alpha"]
+            sx = prepare_shape(unit_moments(tile, 0), alpha, name="x")
+            sy = prepare_shape(unit_moments(tile, 1), alpha, name="y")
+            out[k] = shape_angular(sx, sy, pair_moments(tile, 0, 1).cxy)
+        return out
+
+    out = moment_values(np.dtype(gemm_dtype)) if z is not None else {}
     if family["kernel"]:
         mats = kernel_matrices([x, y], family["kernel"], options, names=("x", "y"))
         out.update({k: float(v[0, 1]) for k, v in mats.items()})

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repscope.cluster.caches import EIG_FLOOR
-from repscope.cluster.linalg import inverse_sqrt, sorted_eigh
+from repscope.cluster.caches import check_finite, svcca_dims
+from repscope.cluster.rank import AmbiguousRankError, decide_rank, spectrum, zero_variance
 from repscope.cluster.registry import check_metrics
 from repscope.errors import InputError
 
@@ -87,19 +87,27 @@ class UnitGram:
     name : the unit's name, for messages.
     features : the unit's width d.
     off : ndarray (n, n), the centered Gram ``K = Xc Xc^T`` with its diagonal set to 0, in
-        the GEMM dtype (float32 or float64); symmetric.
+        the GEMM dtype (float32 or float64; float64 when extreme values needed rescaling);
+        symmetric.
     diag : ndarray (n,), float64, K's diagonal (squared norms of the centered rows).
-    evals : ndarray (r,), descending, and evecs : ndarray (n, r), float64, the leading
-        eigenpairs of K, r = min(n - 1, d) its largest possible rank. None unless a CCA-family
-        metric or Procrustes needs them.
+    precision : the GEMM dtype ("float32" or "float64").
+    evals : ndarray (rank,), descending, and evecs : ndarray (n, rank), float64, the
+        eigenpairs of K above the rank cut (:mod:`repscope.cluster.rank`; K's nonzero
+        eigenvalues are Cxx's). None unless a basis metric needs them.
+    rank, cut, ambiguous : the unit's rank decision (None without the basis), as
+        :class:`~repscope.cluster.caches.UnitCache`'s.
     """
 
     name: str
     features: int
     off: np.ndarray
     diag: np.ndarray
+    precision: str = "float32"
     evals: np.ndarray | None = None
     evecs: np.ndarray | None = None
+    rank: int | None = None
+    cut: float | None = None
+    ambiguous: str | None = None
 
     @property
     def n(self) -> int:
@@ -110,13 +118,35 @@ class UnitGram:
         return float(self.diag.sum())
 
 
-def _centered(x: np.ndarray, dtype) -> np.ndarray:
-    """Features centered on their float64 mean, rounded once to ``dtype``: (n, d)."""
+def _centered(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Features centered on their float64 mean, rounded once to ``dtype``: (n, d), and the
+    mean (d,)."""
     x = np.asarray(x)
+    mean = x.mean(axis=0, dtype=np.float64)
     # The subtraction runs in float64 (the mean's type) in numpy's buffered chunks, so no
     # float64 copy of x is made; each entry is rounded once, into the output.
-    return np.subtract(x, x.mean(axis=0, dtype=np.float64), out=np.empty(x.shape, dtype),
-                       casting="unsafe")
+    return np.subtract(x, mean, out=np.empty(x.shape, dtype), casting="unsafe"), mean
+
+
+def _row_scales(xc: np.ndarray, name: str) -> np.ndarray | None:
+    """Powers of two that bring each row's largest magnitude into the range where the Gram's
+    products neither overflow nor underflow in the GEMM dtype, or None when every row is
+    already there (the usual case). O(n d), no temporary of the rows' size."""
+    n, d = xc.shape
+    info = np.finfo(xc.dtype)
+    peak = np.maximum(xc.max(axis=1), -xc.min(axis=1)).astype(np.float64)
+    if not np.all(np.isfinite(peak)):
+        rows = np.flatnonzero(~np.isfinite(peak))[:5].tolist()
+        raise InputError(f"unit {name!r} has values beyond the {xc.dtype} range in rows "
+                         f"{rows}; check the activations")
+    high = np.sqrt(float(info.max) / (4.0 * d))
+    low = np.sqrt(float(info.tiny) / float(info.eps))
+    extreme = (peak > high) | ((peak > 0) & (peak < low))
+    if not extreme.any():
+        return None
+    scale = np.ones(n)
+    scale[extreme] = np.ldexp(1.0, -np.frexp(peak[extreme])[1])
+    return scale
 
 
 def unit_gram(
@@ -124,43 +154,96 @@ def unit_gram(
     *,
     dtype=np.float32,
     basis: bool = False,
+    eig_floor: float | None = None,
     name: str = "unit",
 ) -> UnitGram:
-    """The unit's centered Gram (and eigenpairs when ``basis``) from its rows.
+    """The unit's centered Gram (and, when ``basis``, its rank and kept eigenpairs).
 
     Parameters
     ----------
-    x : ndarray (n_rows, d), the unit's activations.
+    x : ndarray (n_rows, d), the unit's activations (their dtype is the data precision).
     dtype : the GEMM dtype of the Gram (float32: BLAS peak; float64: exact reference).
-    basis : also the eigendecomposition of K in float64 (for :data:`BASIS_METRICS`).
+    basis : also the eigendecomposition of K in float64 and the rank decision (for
+        :data:`BASIS_METRICS`), by the same rule as feature space.
+    eig_floor : an explicit relative rank cut (``compute.eig_floor``), None: derived.
+
+    Raises
+    ------
+    InputError
+        Fewer than 2 rows; zero variance (the same rule as feature space); no direction
+        above the rank cut; values beyond the GEMM dtype's range.
 
     Notes
     -----
-    Cost: one syrk, n^2 d flops (numpy calls syrk for ``a @ a.T``), plus O(n^3) for the
-    basis. Memory: the centered rows, K (n^2 in ``dtype``), and with the basis a float64 K.
+    Cost: one syrk, n^2 d flops (numpy calls syrk for ``a @ a.T``), O(n d) for the checks,
+    plus O(n^3) for the basis. Rows whose values would overflow (or underflow) the products
+    are scaled by powers of two first and the Gram unscaled in float64, exactly. Memory:
+    the centered rows, K (n^2 in ``dtype``), and with the basis a float64 K.
     """
-    xc = _centered(x, dtype)
+    xc, mean = _centered(x, dtype)
     n, d = xc.shape
     if n < 2:
         raise InputError(f"unit {name!r} has {n} rows; similarity needs at least 2")
-    off = xc @ xc.T
     diag = np.einsum("ij,ij->i", xc, xc, dtype=np.float64)
-    if not diag.any():
+    trace = float(diag.sum())
+    if zero_variance(trace, n, mean, np.asarray(x).dtype):
         raise InputError(
             f"unit {name!r} has zero variance (all {d} features constant over {n} rows): "
             "similarity undefined; drop the unit or check the activations"
         )
+    scale = _row_scales(xc, name)
+    if scale is None:
+        off = xc @ xc.T
+    else:
+        scaled = xc * scale[:, None].astype(xc.dtype)
+        off = (scaled @ scaled.T).astype(np.float64) / np.outer(scale, scale)
     np.fill_diagonal(off, 0)
-    evals = evecs = None
-    if basis:
-        k = off.astype(np.float64)
-        k[np.diag_indices(n)] = diag
-        evals, evecs = sorted_eigh(k)
-        # Centered rows span at most min(n - 1, d) directions; the rest of K's spectrum is
-        # rounding (float32: near 1e-7 of the largest, above the floor), not signal.
-        r = min(n - 1, d)
-        evals, evecs = evals[:r], np.ascontiguousarray(evecs[:, :r])
-    return UnitGram(name, d, off, diag, evals, evecs)
+    check_finite(diag, f"unit {name!r}: its Gram")
+    precision = np.dtype(dtype).name
+    if not basis:
+        return UnitGram(name, d, off, diag, precision)
+    k = off.astype(np.float64)
+    k[np.diag_indices(n)] = diag
+    evals, evecs = spectrum(k)
+    del k
+    decision = decide_rank(
+        evals, gemm_dtype=dtype, sum_squares=trace + n * float(mean @ mean),
+        variances=np.einsum("ij,ij->j", xc, xc, dtype=np.float64),
+        data_dtype=np.asarray(x).dtype, eig_floor=eig_floor)
+    # Centered rows span at most min(n - 1, d) directions.
+    r = min(decision.rank, n - 1, d)
+    if r == 0:
+        raise InputError(
+            f"unit {name!r} has no direction above the precision of its statistics "
+            f"({precision}): its variance is rounding noise; check the activations")
+    return UnitGram(name, d, off, diag, precision, evals[:r].copy(),
+                    np.ascontiguousarray(evecs[:, :r]), r, decision.cut, decision.ambiguous)
+
+
+def decided_gram(
+    x: np.ndarray,
+    *,
+    dtype=np.float32,
+    basis: bool = False,
+    eig_floor: float | None = None,
+    ambiguous_rank: str = "recompute",
+    name: str = "unit",
+) -> UnitGram:
+    """:func:`unit_gram`, with a float32 Gram whose rank is ambiguous recomputed in float64
+    (``ambiguous_rank="recompute"``, the default) or refused (``"refuse"``:
+    AmbiguousRankError naming the unit). The rows are in memory, so the recomputation
+    costs one more Gram of this unit (n^2 d flops in float64) and nothing else."""
+    if ambiguous_rank not in ("recompute", "refuse"):
+        raise InputError(f"ambiguous_rank must be 'recompute' or 'refuse', got {ambiguous_rank!r}")
+    g = unit_gram(x, dtype=dtype, basis=basis, eig_floor=eig_floor, name=name)
+    if g.ambiguous is None or g.precision != "float32":
+        return g
+    if ambiguous_rank == "refuse":
+        raise AmbiguousRankError(
+            f"unit {name!r}: float32 statistics cannot decide its rank ({g.ambiguous}); "
+            "recompute it in float64 (compute.ambiguous_rank: recompute, or "
+            "compute.precision: float64) or set compute.eig_floor")
+    return unit_gram(x, dtype=np.float64, basis=basis, eig_floor=eig_floor, name=name)
 
 
 def _slab_vectors(grams: Sequence[UnitGram], i0: int, i1: int) -> np.ndarray:
@@ -202,23 +285,15 @@ def gram_products(
     return kl, da @ db.T
 
 
-def _svcca_dims(evals: np.ndarray, threshold: float, floor: float) -> int:
-    """As :func:`~repscope.cluster.caches.svcca_basis`: fewest directions explaining
-    ``threshold``."""
-    fraction = np.cumsum(evals) / evals.sum()
-    k = int(np.searchsorted(fraction, threshold)) + 1
-    return min(k, int(np.count_nonzero(inverse_sqrt(evals, floor))))
-
-
 def pair_metrics(
     gx: UnitGram,
     gy: UnitGram,
     metrics: Iterable[str],
     *,
     svcca_threshold: float = 0.99,
-    eig_floor: float = EIG_FLOOR,
 ) -> dict[str, float]:
-    """The :data:`BASIS_METRICS` among ``metrics`` of one pair, from the units' eigenpairs.
+    """The :data:`BASIS_METRICS` among ``metrics`` of one pair, from the units' kept
+    eigenpairs (the rank decided in :func:`unit_gram`).
 
     Cost: one (n x r_x)^T (n x r_y) product and one or two SVDs of r_x x r_y.
     """
@@ -228,25 +303,24 @@ def pair_metrics(
     if gx.evals is None or gy.evals is None:
         raise ValueError("pair_metrics needs unit_gram(..., basis=True)")
     ex, ux, ey, uy = gx.evals, gx.evecs, gy.evals, gy.evecs
-    p, q = gx.features, gy.features
-    kx = int(np.count_nonzero(inverse_sqrt(ex, eig_floor)))
-    ky = int(np.count_nonzero(inverse_sqrt(ey, eig_floor)))
     m = ux.T @ uy  # cosines between the two column spaces' bases: (r_x, r_y)
     out: dict[str, float] = {}
     if "mean_cca" in wanted or "mean_sq_cca" in wanted:
-        rho = np.zeros(min(p, q))
-        s = np.linalg.svd(m[:kx, :ky], compute_uv=False)
-        rho[: min(s.size, rho.size)] = s[: rho.size]
-        out["mean_cca"] = float(rho.mean())
-        out["mean_sq_cca"] = float(np.mean(rho * rho))
+        # As feature space: over min(p, q), directions below the cut count as 0.
+        rho = np.linalg.svd(m, compute_uv=False)
+        width = min(gx.features, gy.features)
+        out["mean_cca"] = float(rho.sum() / width)
+        out["mean_sq_cca"] = float(np.sum(rho * rho) / width)
     if "svcca" in wanted:
-        sx = _svcca_dims(ex[:p], svcca_threshold, eig_floor)
-        sy = _svcca_dims(ey[:q], svcca_threshold, eig_floor)
+        sx = svcca_dims(ex, svcca_threshold, gx.rank, gx.trace)
+        sy = svcca_dims(ey, svcca_threshold, gy.rank, gy.trace)
         out["svcca"] = float(np.linalg.svd(m[:sx, :sy], compute_uv=False).mean())
     if "procrustes" in wanted:
         rx, ry = np.sqrt(ex), np.sqrt(ey)
         nuclear = np.linalg.svd(rx[:, None] * m * ry[None, :], compute_uv=False).sum()
-        out["procrustes"] = float(2.0 - 2.0 * nuclear / np.sqrt(ex.sum() * ey.sum()))
+        out["procrustes"] = float(2.0 - 2.0 * nuclear / np.sqrt(gx.trace * gy.trace))
+    for k in wanted:
+        check_finite(out[k], f"{k} of units {gx.name!r} and {gy.name!r}")
     return {k: out[k] for k in wanted}
 
 
@@ -259,6 +333,8 @@ class GramTile:
     trace_a : ndarray (k_a,); trace_b : ndarray (k_b,).
     values : {metric: ndarray (k_a, k_b)} of the :data:`BASIS_METRICS` asked for (in a
         diagonal tile only the upper triangle, i <= j, is filled).
+    ranks_a : ndarray (k_a,) of group a's effective ranks (-1 where no basis was computed);
+    precision_a : the GEMM dtype of each of group a's Grams ("float64" where recomputed).
     """
 
     kl_off: np.ndarray
@@ -266,6 +342,8 @@ class GramTile:
     trace_a: np.ndarray
     trace_b: np.ndarray
     values: dict
+    ranks_a: np.ndarray | None = None
+    precision_a: tuple[str, ...] = ()
 
 
 def gram_tile(
@@ -274,9 +352,9 @@ def gram_tile(
     metrics: Iterable[str],
     *,
     svcca_threshold: float = 0.99,
-    eig_floor: float = EIG_FLOOR,
 ) -> GramTile:
-    """Per-pair work of a tile: Gram inner products, and the basis metrics of each pair."""
+    """Per-pair work of a tile: Gram inner products, and the basis metrics of each pair
+    (each unit's rank was decided by :func:`unit_gram`)."""
     kl, dd = gram_products(a, b)
     bb = a if b is None else b
     basis = [m for m in metrics if m in BASIS_METRICS]
@@ -284,13 +362,13 @@ def gram_tile(
     if basis:
         for i, gx in enumerate(a):
             for j in range(i if b is None else 0, len(bb)):
-                pair = pair_metrics(gx, bb[j], basis, svcca_threshold=svcca_threshold,
-                                    eig_floor=eig_floor)
+                pair = pair_metrics(gx, bb[j], basis, svcca_threshold=svcca_threshold)
                 for m, v in pair.items():
                     values[m][i, j] = v
     traces_a = np.array([g.trace for g in a])
     traces_b = traces_a if b is None else np.array([g.trace for g in b])
-    return GramTile(kl, dd, traces_a, traces_b, values)
+    ranks_a = np.array([-1 if g.rank is None else g.rank for g in a])
+    return GramTile(kl, dd, traces_a, traces_b, values, ranks_a, tuple(g.precision for g in a))
 
 
 def gram_similarity_matrices(
@@ -299,11 +377,21 @@ def gram_similarity_matrices(
     dd: np.ndarray,
     trace: np.ndarray,
     metrics: Iterable[str],
+    names: Sequence[str] | None = None,
+    computed: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """(U, U) matrices of linear and debiased CKA from the assembled statistics.
 
     kl_off, dd : ndarray (U, U), ``<K~_u, K~_v>`` and ``diag(K_u).diag(K_v)``; trace : (U,).
     Other metrics in ``metrics`` are ignored (they come from :func:`pair_metrics`).
+    names : the units' names, for the error on a non-finite entry (default "unit i").
+    computed : (U, U) bool, the pairs the job computes (default all); the others are NaN
+        by construction (a nightly run's reused pairs) and not checked.
+
+    Raises
+    ------
+    InputError
+        A non-finite entry, naming its units (never a NaN in a finished matrix).
     """
     out = {}
     if "linear_cka" in metrics:
@@ -315,8 +403,16 @@ def gram_similarity_matrices(
             raise InputError(f"linear_cka_debiased needs at least 4 rows, got {n}")
         # debiased_hsic(kl, dd, ...) with kl = kl_off + dd, the diagonal terms combined.
         hsic = kl_off - 2.0 / (n - 2.0) * dd + np.outer(trace, trace) / ((n - 1.0) * (n - 2.0))
-        self_ = np.sqrt(np.diag(hsic))
+        with np.errstate(invalid="ignore"):
+            self_ = np.sqrt(np.diag(hsic))
         out["linear_cka_debiased"] = hsic / np.outer(self_, self_)
+    computed = np.ones(kl_off.shape, bool) if computed is None else computed
+    for m, v in out.items():
+        bad = np.argwhere(~np.isfinite(v) & computed)
+        if bad.size:
+            i, j = bad[0]
+            label = (lambda k: f"unit {k}") if names is None else (lambda k: repr(names[k]))
+            check_finite(v[i, j], f"{m} of {label(i)} and {label(j)} ({len(bad)} entries)")
     return out
 
 
@@ -326,14 +422,20 @@ def sample_space_metrics(
     metrics: Iterable[str] | None = None,
     *,
     svcca_threshold: float = 0.99,
-    eig_floor: float = EIG_FLOOR,
+    dtype=np.float64,
+    eig_floor: float | None = None,
+    ambiguous_rank: str = "recompute",
 ) -> dict[str, float]:
-    """value(x, y) of each metric from the two centered Grams, in float64 (module notes).
+    """value(x, y) of each metric from the two centered Grams (module notes).
 
     Parameters
     ----------
     x : ndarray of shape (n_rows, p); y : ndarray of shape (n_rows, q)
     metrics : names among :data:`SAMPLE_METRICS` (None: all of them).
+    dtype : the Grams' GEMM dtype (float64 default; float32 as a job's default precision).
+    eig_floor : an explicit relative rank cut (None: derived from the precision).
+    ambiguous_rank : with float32 Grams, a unit whose rank is ambiguous is recomputed in
+        float64 ("recompute", default) or refused ("refuse"), as ``compute.ambiguous_rank``.
 
     Notes
     -----
@@ -346,13 +448,15 @@ def sample_space_metrics(
     if x.shape[0] != y.shape[0]:
         raise InputError(f"x and y must have the same rows: {x.shape[0]} vs {y.shape[0]}")
     basis = any(m in BASIS_METRICS for m in metrics)
-    gx = unit_gram(x, dtype=np.float64, basis=basis, name="x")
-    gy = unit_gram(y, dtype=np.float64, basis=basis, name="y")
+    grams = [decided_gram(a, dtype=dtype, basis=basis, eig_floor=eig_floor,
+                          ambiguous_rank=ambiguous_rank, name=name)
+             for a, name in ((x, "x"), (y, "y"))]
+    gx, gy = grams
     kl, dd = gram_products([gx, gy])  # CKA's normalisers need the self products too
-    mats = gram_similarity_matrices(x.shape[0], kl, dd, np.array([gx.trace, gy.trace]), metrics)
+    mats = gram_similarity_matrices(x.shape[0], kl, dd, np.array([gx.trace, gy.trace]),
+                                    metrics, names=["x", "y"])
     out = {m: float(v[0, 1]) for m, v in mats.items()}
-    out.update(pair_metrics(gx, gy, metrics, svcca_threshold=svcca_threshold,
-                            eig_floor=eig_floor))
+    out.update(pair_metrics(gx, gy, metrics, svcca_threshold=svcca_threshold))
     return {m: out[m] for m in metrics}
 
 

@@ -16,8 +16,6 @@ __all__ = [
     "unit_sums",
     "centered_gram",
     "cross_product",
-    "sorted_eigh",
-    "inverse_sqrt",
     "zeros",
 ]
 
@@ -69,32 +67,3 @@ def cross_product(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
     """``za^T zb`` as float64 for za (n_rows, d_a) and zb (n_rows, d_b): one BLAS GEMM."""
     # numpy passes the transposed view to gemm with a transpose flag: no copy of za.
     return (za.T @ zb).astype(np.float64, copy=False)
-
-
-def sorted_eigh(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigendecomposition of a symmetric PSD matrix, eigenvalues descending and clipped at 0.
-
-    Parameters
-    ----------
-    c : ndarray of shape (p, p)
-
-    Returns
-    -------
-    evals : ndarray of shape (p,), descending, >= 0 (rounding can make them slightly negative)
-    evecs : ndarray of shape (p, p), column i belongs to evals[i]
-    """
-    evals, evecs = np.linalg.eigh(c)
-    return np.maximum(evals[::-1], 0.0), evecs[:, ::-1]
-
-
-def inverse_sqrt(evals: np.ndarray, rel_floor: float) -> np.ndarray:
-    """``1 / sqrt(lambda)`` for eigenvalues above ``rel_floor * max(lambda)``, else 0.
-
-    The zero replaces an infinite (or noise-amplifying) inverse for dead or collinear
-    directions, as sim_metric's ``cca_decomp`` does for eigenvalues <= 0.
-    """
-    top = evals.max(initial=0.0)
-    keep = evals > rel_floor * top
-    out = np.zeros_like(evals)
-    out[keep] = 1.0 / np.sqrt(evals[keep])
-    return out

@@ -10,13 +10,27 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from repscope.cluster.caches import EIG_FLOOR, UnitCache, prepare_unit
+from repscope.cluster.caches import UnitCache, ambiguous_units, prepare_unit
 from repscope.cluster.moments import PairMoments, UnitMoments
-from repscope.cluster.pairs import compare_pair, nuclear_norms
-from repscope.cluster.registry import check_metrics
+from repscope.cluster.pairs import canonical_pairs, compare_pair, nuclear_norms
+from repscope.cluster.rank import AmbiguousRankError
+from repscope.cluster.registry import CCA_FAMILY, METRICS, check_metrics
 from repscope.errors import InputError
 
 __all__ = ["similarity_matrices"]
+
+
+def _check_ambiguous(prepared: dict[int, UnitCache], policy: str) -> None:
+    bad = ambiguous_units(prepared)
+    if bad and policy == "refuse":
+        first = prepared[bad[0]]
+        raise AmbiguousRankError(
+            f"float32 statistics cannot decide the rank of {len(bad)} unit(s): "
+            f"{', '.join(repr(prepared[i].name) for i in bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''} ({first.name}: {first.ambiguous}); "
+            "recompute them in float64 (compute.ambiguous_rank: recompute, or "
+            "compute.precision: float64) or set compute.eig_floor"
+        )
 
 def similarity_matrices(
     units: Sequence[UnitMoments | None],
@@ -24,8 +38,11 @@ def similarity_matrices(
     metrics: Iterable[str] | None = None,
     *,
     names: Sequence[str] | None = None,
+    precision: str | type | np.dtype = "float32",
+    data_dtype: str | type | np.dtype = "float32",
     svcca_threshold: float = 0.99,
-    eig_floor: float = EIG_FLOOR,
+    eig_floor: float | None = None,
+    ambiguous: str = "refuse",
     pairs: Iterable[tuple[int, int]] | None = None,
     threads: int = 1,
     caches: dict[int, UnitCache] | None = None,
@@ -39,6 +56,13 @@ def similarity_matrices(
         Cxy = Cxx of the unit).
     metrics : names (None: all).
     names : unit names for messages (default "unit i").
+    precision : the products' dtype (the accumulator's gemm_dtype): it sets each unit's
+        rank cut (:mod:`repscope.cluster.rank`). data_dtype: the activations' storage dtype.
+    eig_floor : an explicit relative rank cut (``compute.eig_floor``), None: derived.
+    ambiguous : what to do with a unit whose float32 rank is ambiguous (no clear gap
+        between signal and rounding noise): "refuse" raises AmbiguousRankError naming the
+        units before any pair is finished; "keep" finishes it, for a caller that then
+        recomputes those units in float64 (``ambiguous_units(caches)`` lists them).
     pairs : the (i, j) to compute (either order; default all i <= j); the others are NaN, for
         incremental runs.
     threads : prepare units and compare pairs on this many threads (one BLAS thread each).
@@ -68,24 +92,42 @@ def similarity_matrices(
                 raise InputError(f"pair ({i}, {j}) out of range for {count} units")
             todo.append((min(i, j), max(i, j)))
         todo = sorted(set(todo))
+    if ambiguous not in ("refuse", "keep"):
+        raise InputError(f"ambiguous must be 'refuse' or 'keep', got {ambiguous!r}")
+
     def prepare(i: int) -> UnitCache:
-        return prepare_unit(units[i], metrics, svcca_threshold=svcca_threshold,
-                            eig_floor=eig_floor, name=names[i])
+        return prepare_unit(units[i], metrics, precision=precision, data_dtype=data_dtype,
+                            svcca_threshold=svcca_threshold, eig_floor=eig_floor,
+                            name=names[i])
+
+    whiten = any(METRICS[k].needs_whitening for k in metrics)
+    cca_family = any(k in CCA_FAMILY for k in metrics)
+    # Float32 statistics: eigendecompositions of Grams instead of SVDs, whose sqrt(eps)
+    # floor lies below the statistics' own rounding (cluster/pairs.py).
+    exact = np.dtype(precision) == np.float64
 
     def compare_chunk(chunk: list[tuple[int, int]]) -> list[dict]:
+        # The chunk's decompositions are stacked LAPACK calls (canonical_pairs,
+        # nuclear_norms): one per shape instead of one per pair.
         moments = [cross(i, j) for i, j in chunk]
-        nuclear = (nuclear_norms([m.cxy for m in moments]) if "procrustes" in metrics
-                   else [None] * len(chunk))
-        return [compare_pair(caches[i], caches[j], m, metrics, nuclear=nu)
-                for (i, j), m, nu in zip(chunk, moments, nuclear, strict=True)]
+        none = [None] * len(chunk)
+        nuclear = (nuclear_norms([m.cxy for m in moments], exact) if "procrustes" in metrics
+                   else none)
+        whitened = ([caches[i].basis.T @ m.cxy @ caches[j].basis
+                     for (i, j), m in zip(chunk, moments, strict=True)] if whiten else none)
+        cca = canonical_pairs(whitened, "pwcca" in metrics, exact) if cca_family else none
+        return [compare_pair(caches[i], caches[j], m, metrics, nuclear=nu, whitened=w, cca=c)
+                for (i, j), m, nu, w, c in zip(chunk, moments, nuclear, whitened, cca,
+                                               strict=True)]
 
     caches = {} if caches is None else caches
     needed = sorted({k for pair in todo for k in pair} - set(caches))
-    # Pairs in chunks of up to 64 (and 64 MiB of cross moments), so Procrustes' SVDs of a
-    # chunk are one stacked call (nuclear_norms).
+    # Pairs in chunks of up to 64 (and 64 MiB of cross moments, and at least one chunk per
+    # thread), so the decompositions of a chunk are stacked calls (canonical_pairs,
+    # nuclear_norms).
     widest = max((units[i].cxx.shape[0] if units[i] is not None else caches[i].dim
                   for pair in todo for i in pair), default=1)
-    size = max(1, min(64, (64 << 20) // (8 * widest * widest)))
+    size = max(1, min(64, (64 << 20) // (8 * widest * widest), -(-len(todo) // threads)))
     chunks = [todo[k:k + size] for k in range(0, len(todo), size)]
     if threads > 1:
         # Many small LAPACK calls: one BLAS thread each, `threads` of them at once, beats one
@@ -96,10 +138,14 @@ def similarity_matrices(
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
-            caches.update(zip(needed, pool.map(prepare, needed), strict=True))
+            prepared = dict(zip(needed, pool.map(prepare, needed), strict=True))
+            _check_ambiguous(prepared, ambiguous)
+            caches.update(prepared)
             values = [v for part in pool.map(compare_chunk, chunks) for v in part]
     else:
-        caches.update({i: prepare(i) for i in needed})
+        prepared = {i: prepare(i) for i in needed}
+        _check_ambiguous(prepared, ambiguous)
+        caches.update(prepared)
         values = [v for chunk in chunks for v in compare_chunk(chunk)]
 
     out = {k: np.full((count, count), np.nan) for k in metrics}

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repscope.cluster.caches import EIG_FLOOR, prepare_unit
-from repscope.cluster.linalg import sorted_eigh
+from repscope.cluster.caches import prepare_unit
 from repscope.cluster.moments import PairMoments, UnitMoments
 from repscope.cluster.pairs import compare_pair
+from repscope.cluster.rank import AmbiguousRankError, spectrum
 from repscope.cluster.rankstats import as_distance
 from repscope.cluster.registry import check_metrics
 from repscope.errors import InputError
@@ -113,7 +113,9 @@ def pc_deletion_probe(
     *,
     ends: Sequence[str] = ("lowest", "highest"),
     svcca_threshold: float = 0.99,
-    eig_floor: float = EIG_FLOOR,
+    precision: str | type | np.dtype = "float32",
+    data_dtype: str | type | np.dtype = "float32",
+    eig_floor: float | None = None,
     name: str = "unit",
 ) -> list[ProbePoint]:
     """Distance between a unit and itself with k principal directions deleted, for a ladder.
@@ -124,7 +126,16 @@ def pc_deletion_probe(
     fractions : fractions of the p directions to delete (k = round(f p), at most p - 1).
     metrics : names (None: all but debiased CKA and PWCCA; naming either is an InputError).
     ends : "lowest" deletes the k smallest-variance directions, "highest" the k largest.
+    precision, data_dtype, eig_floor : the rank decision's inputs, as
+        :func:`~repscope.cluster.caches.prepare_unit`'s. Every deleted unit keeps the
+        original's absolute cut: its moments carry the original's rounding noise, whose
+        size is set by the original's largest eigenvalue, not by what deletion leaves.
     name : the unit's name for messages.
+
+    Raises
+    ------
+    AmbiguousRankError
+        Float32 moments whose rank is ambiguous (recompute the unit's moments in float64).
 
     Returns
     -------
@@ -132,11 +143,13 @@ def pc_deletion_probe(
 
     Notes
     -----
+    At the highest end k stops at rank - 1 (deleting every direction above the rank cut
+    leaves rounding noise, where every metric is 0/0).
     One eigh of Cxx, then per rung a few p x p products, one :func:`prepare_unit` of the
     deleted unit (an O(p^3) eigh when a CCA-family metric is asked) and one compare: O(p^3)
     per rung, independent of n. Directions of equal variance are deleted in eigh's order.
-    The deleted unit is rank deficient: the eigenvalue floor drops its deleted directions,
-    which therefore count as canonical correlations 0 (CCA family).
+    The deleted unit is rank deficient: the rank cut drops its deleted directions, which
+    therefore count as canonical correlations 0 (CCA family).
     """
     requested = check_metrics(metrics)
     bad = [k for k in requested if k in UNSUPPORTED]
@@ -151,18 +164,29 @@ def pc_deletion_probe(
         if end not in ("lowest", "highest"):
             raise InputError(f"PC deletion end must be 'lowest' or 'highest', got {end!r}")
     p = m.cxx.shape[0]
-    evals, evecs = sorted_eigh(m.cxx)  # descending
+    evals, evecs = spectrum(m.cxx)  # descending
+    evals = np.maximum(evals, 0.0)
     total = float(evals.sum())
-    original = prepare_unit(m, metrics, svcca_threshold=svcca_threshold, eig_floor=eig_floor,
-                            name=name)
+    original = prepare_unit(m, metrics, svcca_threshold=svcca_threshold, precision=precision,
+                            data_dtype=data_dtype, eig_floor=eig_floor, name=name)
+    if original.ambiguous is not None and original.precision == "float32":
+        raise AmbiguousRankError(
+            f"unit {name!r}: float32 moments cannot decide its rank ({original.ambiguous}); "
+            "recompute its moments in float64 for the PC-deletion probe")
+    # Beyond the rank only rounding noise is left: the highest end stops one short of it.
+    last = p - 1 if original.rank is None else original.rank - 1
     out = []
     for end in ends:
-        for k in deletion_counts(p, fractions):
+        counts = deletion_counts(p, fractions)
+        if end == "highest":
+            counts = sorted({min(k, last) for k in counts})
+        for k in counts:
             # Descending order: the k highest are the first k, the k lowest the last k.
             deleted = np.arange(k) if end == "highest" else np.arange(p - k, p)
             unit, cross = deleted_moments(m, deletion_projection(evecs, deleted))
             cache = prepare_unit(unit, metrics, svcca_threshold=svcca_threshold,
-                                 eig_floor=eig_floor, name=f"{name} minus {k} {end} PCs")
+                                 precision=precision, data_dtype=data_dtype,
+                                 cut=original.cut, name=f"{name} minus {k} {end} PCs")
             values = compare_pair(original, cache, cross, metrics)
             kept = float(np.delete(evals, deleted).sum()) / total
             out.append(ProbePoint(end, k, k / p, kept,

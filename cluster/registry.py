@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from repscope.errors import InputError
 
 __all__ = ["Metric", "METRICS", "MOMENT_METRICS", "KERNEL_METRICS", "SHAPE_METRICS",
-           "CCA_FAMILY", "FewRowsWarning", "check_metrics", "metric_options"]
+           "CCA_FAMILY", "FewRowsWarning", "check_metrics", "metric_options",
+           "metric_attributes"]
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,12 @@ class Metric:
     direction : "similarity" (larger is more alike) or "distance" (0 is identical).
     symmetric : whether value(x, y) == value(y, x).
     needs_fourth : needs the fourth-order moments (``block_moments(..., fourth=True)``).
-    needs_whitening : needs Cxx^(-1/2) (the CCA family): undefined for a zero-variance unit.
+    needs_whitening : whitens the kept directions of Cxx (the CCA family and SVCCA), so the
+        unit's rank decision applies.
     family : "moments", "shape" or "kernel" (module docstring).
     options : the metric's parameters and their defaults, as a spec's ``metric_options``
         sets them (checked by :func:`metric_options`).
+    convention : what the value means in one sentence, recorded with every result.
     """
 
     name: str
@@ -46,23 +49,54 @@ class Metric:
     needs_whitening: bool = False
     family: str = "moments"
     options: tuple[tuple[str, object], ...] = ()
+    convention: str = ""
 
+
+_RANK = ("directions of each unit below its rank cut (rounding noise at the precision of "
+         "its statistics, or compute.eig_floor) are dropped")
 
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("linear_cka", "similarity"),
-        Metric("linear_cka_debiased", "similarity", needs_fourth=True),
-        Metric("mean_cca", "similarity", needs_whitening=True),
-        Metric("mean_sq_cca", "similarity", needs_whitening=True),
-        Metric("svcca", "similarity", needs_whitening=True),
-        Metric("pwcca", "similarity", symmetric=False, needs_whitening=True),
-        Metric("procrustes", "distance"),
-        Metric("shape_angular", "distance", family="shape", options=(("alpha", 0.5),)),
-        Metric("rbf_cka", "similarity", family="kernel", options=(("threshold", 1.0),)),
+        Metric("linear_cka", "similarity",
+               convention="||Cxy||_F^2 / (||Cxx||_F ||Cyy||_F) (Kornblith et al. 2019)"),
+        Metric("linear_cka_debiased", "similarity", needs_fourth=True,
+               convention="unbiased HSIC estimator of linear CKA (Song et al. 2012; "
+                          "Kornblith et al. 2019, debiased=True)"),
+        Metric("mean_cca", "similarity", needs_whitening=True,
+               convention="mean of the canonical correlations over min(p, q) features; "
+                          f"{_RANK} and count as correlation 0 (sim_metric mean_cca_corr)"),
+        Metric("mean_sq_cca", "similarity", needs_whitening=True,
+               convention="mean of the squared canonical correlations over min(p, q) "
+                          f"features; {_RANK} and count as 0 (sim_metric mean_sq_cca_corr)"),
+        Metric("svcca", "similarity", needs_whitening=True,
+               convention="mean canonical correlation of each side's fewest principal "
+                          "directions explaining svcca_threshold of the variance, at most "
+                          "the unit's rank (Raghu et al. 2017)"),
+        Metric("pwcca", "similarity", symmetric=False, needs_whitening=True,
+               convention="canonical correlations weighted by x's variates: weights "
+                          "sum_j |<h_i, x_j>| over the k = min(rank x, rank y) variates that "
+                          "exist, normalised over those k (Morcos et al. 2018); entry [i, j] "
+                          "weights by unit i; equals 1 - sim_metric's pwcca_dist for full-rank "
+                          "units with p <= q"),
+        Metric("procrustes", "distance",
+               convention="2 - 2 ||Cxy||_* / sqrt(tr Cxx tr Cyy): squared orthogonal "
+                          "Procrustes distance after centering and unit Frobenius scaling "
+                          "(Ding et al. 2021), in [0, 2]"),
+        Metric("shape_angular", "distance", family="shape", options=(("alpha", 0.5),),
+               convention="arccos(||Xw'Yw||_* / (||Xw||_F ||Yw||_F)) of partially whitened, "
+                          "centered units (netrep LinearMetric, score_method='angular'), in "
+                          "[0, pi/2]"),
+        Metric("rbf_cka", "similarity", family="kernel", options=(("threshold", 1.0),),
+               convention="CKA of centered RBF Grams, bandwidth^2 = threshold^2 x the median "
+                          "squared distance between rows (Kornblith et al. 2019, gram_rbf)"),
         Metric("rsa", "similarity", family="kernel",
-               options=(("rdm", "correlation"), ("compare", "spearman"))),
-        Metric("mutual_knn", "similarity", family="kernel", options=(("k", 10),)),
+               options=(("rdm", "correlation"), ("compare", "spearman")),
+               convention="rank (spearman) or pearson correlation of the units' RDM upper "
+                          "triangles (rsatoolbox calc_rdm, compare)"),
+        Metric("mutual_knn", "similarity", family="kernel", options=(("k", 10),),
+               convention="mean over rows of |N_x(i) & N_y(i)| / k, neighbours by cosine with "
+                          "the row itself excluded (Huh et al. 2024)"),
     )
 }
 
@@ -77,6 +111,14 @@ _CHOICES = {("rsa", "rdm"): ("correlation", "euclidean"),
 
 #: Metrics finished from the canonical correlations of whitened moments.
 CCA_FAMILY = ("mean_cca", "mean_sq_cca", "pwcca")
+
+
+def metric_attributes(name: str) -> dict[str, str | bool]:
+    """What a results store records beside metric ``name``'s matrix: its direction,
+    symmetry, convention, and whether the units' rank decision applies (``rank_cut``)."""
+    m = METRICS[check_metrics(name)[0]]
+    return {"direction": m.direction, "symmetric": m.symmetric,
+            "convention": m.convention, "rank_cut": m.needs_whitening}
 
 
 class FewRowsWarning(UserWarning):

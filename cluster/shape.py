@@ -17,8 +17,9 @@ the centered moments Cxx = Xc^T Xc, Cyy and Cxy, so it streams like the other li
 Conventions (docs/metrics.md):
 
 - netrep's clip ``lam >= 1e-7`` is absolute, on the unnormalised X^T X, as there. In addition,
-  directions with ``lam <= EIG_FLOOR * lam_max`` (rounding noise of dead or collinear
-  features) get d = 0 instead of the clip's large d: netrep would amplify their noise.
+  directions below the unit's rank cut (rounding noise of dead or collinear features at the
+  precision of the statistics, :mod:`repscope.cluster.rank`, the same rule as the CCA family)
+  get d = 0 instead of the clip's large d: netrep would amplify their noise.
 - Unequal widths: each side is whitened at its own width. netrep zero-pads the narrower side
   first; the padded columns are null directions that add nothing to Xw and change only the
   global factor c, which the angle cancels, so the values are the same (tests check this).
@@ -30,9 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repscope.cluster.caches import EIG_FLOOR
-from repscope.cluster.linalg import sorted_eigh
 from repscope.cluster.moments import UnitMoments
+from repscope.cluster.rank import decide_rank, spectrum
 from repscope.errors import InputError
 
 __all__ = ["NETREP_EIG_TOL", "ShapeCache", "prepare_shape", "shape_angular"]
@@ -46,6 +46,8 @@ class ShapeCache:
     """Per-unit work of the shape metric.
 
     z : ndarray (p, p), the partial whitening matrix (symmetric); norm : ||Xc Z||_F.
+    rank, ambiguous, precision : the unit's rank decision and the products' dtype, as
+    :class:`~repscope.cluster.caches.UnitCache`'s (rank None when alpha = 1: nothing whitens).
     """
 
     name: str
@@ -53,9 +55,13 @@ class ShapeCache:
     alpha: float
     z: np.ndarray
     norm: float
+    rank: int | None = None
+    ambiguous: str | None = None
+    precision: str = "float32"
 
 
-def prepare_shape(m: UnitMoments, alpha: float, *, eig_floor: float = EIG_FLOOR,
+def prepare_shape(m: UnitMoments, alpha: float, *, precision="float32",
+                  data_dtype="float32", eig_floor: float | None = None,
                   name: str = "unit") -> ShapeCache:
     """The unit's partial whitening (netrep's ``whiten`` on the centered moments).
 
@@ -63,6 +69,8 @@ def prepare_shape(m: UnitMoments, alpha: float, *, eig_floor: float = EIG_FLOOR,
     ----------
     m : the unit's moments (Cxx = Xc^T Xc, p x p).
     alpha : 1 is Procrustes (rotations only), 0 full whitening (CCA-like), in [0, 1].
+    precision, data_dtype, eig_floor : the rank decision's inputs, as
+        :func:`~repscope.cluster.caches.prepare_unit`'s.
 
     Raises
     ------
@@ -76,18 +84,25 @@ def prepare_shape(m: UnitMoments, alpha: float, *, eig_floor: float = EIG_FLOOR,
     total = float(np.trace(cxx))
     if not total > 0:
         raise InputError(f"unit {name!r} has zero variance: shape_angular undefined")
+    precision = np.dtype(precision).name
     if alpha > 1.0 - NETREP_EIG_TOL:  # netrep returns the data unwhitened
-        return ShapeCache(name, p, alpha, np.eye(p), float(np.sqrt(total)))
-    evals, evecs = sorted_eigh(cxx)
+        return ShapeCache(name, p, alpha, np.eye(p), float(np.sqrt(total)),
+                          precision=precision)
+    raw, evecs = spectrum(cxx)
+    decision = decide_rank(raw, gemm_dtype=precision,
+                           sum_squares=total + m.n * float(m.mean @ m.mean),
+                           variances=np.diagonal(cxx), data_dtype=data_dtype,
+                           eig_floor=eig_floor)
+    evals = np.maximum(raw, 0.0)
     lam = np.maximum(evals, NETREP_EIG_TOL)
     d = alpha + (1.0 - alpha) / np.sqrt(lam)
     new_var = np.sum(alpha**2 * lam + 2 * alpha * (1 - alpha) * np.sqrt(lam) + (1 - alpha) ** 2)
     d *= np.sqrt(lam.sum() / new_var)
-    d[evals <= eig_floor * evals[0]] = 0.0
+    d[decision.rank:] = 0.0
     z = (evecs * d) @ evecs.T
     # ||Xc Z||_F^2 = tr(Z Cxx Z) = sum_i lam_i d_i^2 with the true (unclipped) eigenvalues.
-    norm = float(np.sqrt(np.sum(np.clip(evals, 0.0, None) * d * d)))
-    return ShapeCache(name, p, alpha, z, norm)
+    norm = float(np.sqrt(np.sum(evals * d * d)))
+    return ShapeCache(name, p, alpha, z, norm, decision.rank, decision.ambiguous, precision)
 
 
 def shape_angular(cx: ShapeCache, cy: ShapeCache, cxy: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from repscope.cluster.accumulate import TileAccumulator, shift_block
-from repscope.cluster.gram import GramTile, UnitGram, gram_tile, unit_gram
+from repscope.cluster.gram import GramTile, UnitGram, decided_gram, gram_tile
 from repscope.cluster.moments import CrossMoments, merge, merge_all
 
 __all__ = [
@@ -206,6 +206,8 @@ class GramTask:
     precision: str
     basis: bool  # also the Gram's eigenpairs (CCA family, Procrustes)
     threads: int | None = None
+    eig_floor: float | None = None  # compute.eig_floor (None: the precision's cut)
+    ambiguous_rank: str = "recompute"  # compute.ambiguous_rank
 
 
 def read_unit_gram(store, task: GramTask) -> UnitGram:
@@ -213,7 +215,8 @@ def read_unit_gram(store, task: GramTask) -> UnitGram:
     dtype = np.float32 if task.precision == "float32" else np.float64
     with blas_threads(task.threads):
         x = read_group(store, (task.unit,), task.start, task.stop)
-        return unit_gram(x, dtype=dtype, basis=task.basis, name=task.unit.label)
+        return decided_gram(x, dtype=dtype, basis=task.basis, eig_floor=task.eig_floor,
+                            ambiguous_rank=task.ambiguous_rank, name=task.unit.label)
 
 
 def gram_tile_task(n_a: int, diagonal: bool, metrics, svcca_threshold: float,

@@ -65,6 +65,13 @@ class TileFinalizer:
     known : moments of units whose diagonal tile is not computed (nightly's unchanged units).
     on_unit : ``on_unit(i, moments)`` as a unit's moments arrive from its diagonal tile.
     on_done : ``on_done(tile)`` once a tile's entries are all in.
+    precision : the products' dtype (``plan.precision``): it sets each unit's rank cut.
+    eig_floor : ``compute.eig_floor`` (None: the cut follows from the precision).
+    caches, shape_caches : per-unit work already done (a float64 recomputation of some units
+        keeps the others' decisions); those units need no moments.
+
+    A unit whose float32 rank is ambiguous is finished all the same and listed by
+    :meth:`ambiguous`: the pipeline recomputes it in float64 or refuses the job.
 
     Per-unit eigendecompositions and per-pair SVDs run on ``plan.driver_cpus`` threads, one
     BLAS thread each (:func:`repscope.cluster.matrices.similarity_matrices`). The shape
@@ -76,17 +83,20 @@ class TileFinalizer:
                  known: dict[int, UnitMoments] | None = None,
                  on_unit: Callable[[int, UnitMoments], None] | None = None,
                  on_done: Callable[[Tile], None] | None = None,
-                 metric_options: dict | None = None):
+                 metric_options: dict | None = None, eig_floor: float | None = None,
+                 caches: dict[int, UnitCache] | None = None,
+                 shape_caches: dict[int, ShapeCache] | None = None):
         self.plan, self.metrics = plan, tuple(metrics)
+        self.precision, self.eig_floor = plan.precision, eig_floor
         self.moment_metrics = tuple(m for m in self.metrics if m not in SHAPE_METRICS)
         self.shape_options = {m: (metric_options or {}).get(m) for m in self.metrics
                               if m in SHAPE_METRICS}
-        self.shape_caches: dict[int, ShapeCache] = {}
+        self.shape_caches: dict[int, ShapeCache] = dict(shape_caches or {})
         self.svcca_threshold = svcca_threshold
         self.on_unit, self.on_done = on_unit, on_done
         self.names = [u.label for u in plan.units]
         self.moments: dict[int, UnitMoments] = dict(known or {})
-        self.caches: dict[int, UnitCache] = {}
+        self.caches: dict[int, UnitCache] = dict(caches or {})
         self.held: dict[Tile, CrossMoments] = {}
         count = len(plan.units)
         self.out = {m: np.full((count, count), np.nan) for m in self.metrics}
@@ -95,8 +105,21 @@ class TileFinalizer:
         self.restored = 0  # of which restored from an earlier run
 
     def _ready(self, tile: Tile) -> bool:
-        return all(i in self.caches or i in self.moments
+        return all(i in self.caches or i in self.moments or i in self.shape_caches
                    for g in tile for i in self.plan.groups[g])
+
+    def ambiguous(self) -> list[int]:
+        """Units whose float32 statistics cannot decide their rank (rank.py), ascending."""
+        bad = {i for i, c in self.caches.items() if c.ambiguous and c.precision == "float32"}
+        bad |= {i for i, c in self.shape_caches.items()
+                if c.ambiguous and c.precision == "float32"}
+        return sorted(bad)
+
+    def ranks(self) -> dict[int, int]:
+        """Each prepared unit's effective rank (the units a whitening metric prepared)."""
+        out = {i: c.rank for i, c in self.shape_caches.items() if c.rank is not None}
+        out.update({i: c.rank for i, c in self.caches.items() if c.rank is not None})
+        return out
 
     def add(self, tile: Tile, moments: CrossMoments) -> None:
         """One tile's merged moments (any order of arrival)."""
@@ -163,6 +186,7 @@ class TileFinalizer:
             mats = similarity_matrices(
                 units, cross, self.moment_metrics,
                 names=self.names, svcca_threshold=self.svcca_threshold,
+                precision=self.precision, eig_floor=self.eig_floor, ambiguous="keep",
                 pairs=pairs, threads=self.plan.driver_cpus, caches=self.caches)
         for m in self.shape_options:
             mats[m] = self._shape(m, pairs, cross)
@@ -178,8 +202,9 @@ class TileFinalizer:
         for i, j in pairs:
             for k in (i, j):
                 if k not in self.shape_caches:
-                    self.shape_caches[k] = prepare_shape(self.moments[k], alpha,
-                                                         name=self.names[k])
+                    self.shape_caches[k] = prepare_shape(
+                        self.moments[k], alpha, precision=self.precision,
+                        eig_floor=self.eig_floor, name=self.names[k])
             out[i, j] = out[j, i] = shape_angular(self.shape_caches[i], self.shape_caches[j],
                                                   cross(i, j).cxy)
         return out
@@ -214,11 +239,13 @@ def finalize_sample(plan: Plan, tiles: dict, metrics) -> dict[str, np.ndarray]:
                 for m, v in t.values.items():
                     if np.isfinite(v[p, q]):
                         values[m][i, j] = values[m][j, i] = v[p, q]  # symmetric metrics
-    values.update(gram_similarity_matrices(plan.n_rows, kl, dd, trace, metrics))
     wanted = np.full((count, count), False)
     for tile in plan.tiles:
         for i, j in plan.tile_pairs(tile):
             wanted[i, j] = wanted[j, i] = True
+    values.update(gram_similarity_matrices(plan.n_rows, kl, dd, trace, metrics,
+                                           names=[u.label for u in plan.units],
+                                           computed=wanted))
     for m in values:
         values[m][~wanted] = np.nan
     return values
@@ -226,7 +253,8 @@ def finalize_sample(plan: Plan, tiles: dict, metrics) -> dict[str, np.ndarray]:
 
 def bootstrap_bounds(plan: Plan, parts: dict[Tile, list[CrossMoments]], metrics,
                      replicates: int, *, svcca_threshold: float,
-                     metric_options: dict | None = None) -> dict:
+                     metric_options: dict | None = None,
+                     eig_floor: float | None = None) -> dict:
     """Percentile bounds of every entry of the plan's pairs from a bootstrap over the row
     shards (cluster.bootstrap; seed 0, so a rerun gives the same bounds):
     {metric: (lower, upper)} at :data:`BOOTSTRAP_LEVEL`."""
@@ -235,7 +263,7 @@ def bootstrap_bounds(plan: Plan, parts: dict[Tile, list[CrossMoments]], metrics,
 
     def statistic(tiles: list) -> np.ndarray:
         fin = TileFinalizer(plan, metrics, svcca_threshold=svcca_threshold,
-                            metric_options=metric_options)
+                            metric_options=metric_options, eig_floor=eig_floor)
         fin.add_all(dict(zip(plan.tiles, tiles, strict=True)))
         mats = fin.result()
         return np.stack([mats[m] for m in metrics])

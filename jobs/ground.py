@@ -147,8 +147,11 @@ def _probes(spec, stats: Statistics, units, fractions, out: Path, summary) -> li
     for u, (model, layer) in enumerate(units):
         if not pmetrics:
             break
+        # A unit recomputed in float64 (its float32 rank was ambiguous) has float64 moments.
+        precision = "float64" if u in stats.recomputed else spec.compute.precision
         for pt in pc_deletion_probe(stats.unit_moments[u], fractions, pmetrics,
                                     svcca_threshold=spec.compute.svcca_threshold,
+                                    precision=precision, eig_floor=spec.compute.eig_floor,
                                     name=f"{model}/{layer}"):
             for k, d in pt.distance.items():
                 rows.append([model, layer, k, pt.end, pt.k, round(pt.fraction, 6),

@@ -28,7 +28,8 @@ import numpy as np
 
 from repscope.cluster.execute import LocalExecutor, RayExecutor
 from repscope.cluster.moments import UnitMoments, merge_all
-from repscope.cluster.registry import METRICS, SHAPE_METRICS
+from repscope.cluster.rank import RANK_RULE, AmbiguousRankError
+from repscope.cluster.registry import METRICS, SHAPE_METRICS, metric_attributes
 from repscope.cluster.tasks import Checkpoints
 from repscope.errors import InputError, RepscopeError
 from repscope.jobs import nightly
@@ -80,6 +81,7 @@ class RunSummary:
     tiles_reused: int = 0  # tiles an interrupted run had finished, restored not recomputed
     executor: str = ""  # where the tasks ran: process, embedded, cluster ("" if none ran)
     space: str = ""  # feature or sample ("" if nothing was computed)
+    units_recomputed: int = 0  # units recomputed in float64 (ambiguous float32 rank)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -103,6 +105,10 @@ class Statistics:
     # Kernel metrics: how each was computed and its error bounds ({metric: {...}}).
     notes: dict[str, dict] = field(default_factory=dict)
     kernel_plan: object = None
+    # Effective rank of each unit a whitening metric prepared (index -> rank), and the units
+    # whose float32 rank was ambiguous and were recomputed in float64.
+    ranks: dict[int, int] = field(default_factory=dict)
+    recomputed: tuple[int, ...] = ()
 
     @property
     def n_pairs(self) -> int:
@@ -196,9 +202,12 @@ def _compute(spec: JobSpec, store, sel: Selection, executor, plan_fresh, known, 
     if fold:
         fin = TileFinalizer(fplan, others, svcca_threshold=spec.compute.svcca_threshold,
                             known=known, on_unit=_unit_hook(stats, keep_units, on_unit),
-                            metric_options=spec.metric_options)
+                            metric_options=spec.metric_options,
+                            eig_floor=spec.compute.eig_floor)
         fin.add((0, 0), kres.moments)
         stats.matrices.update(fin.result())
+        stats = _ranks_decided(fspec, store, sel, executor, fplan, fin, stats, log=log,
+                               counters=counters, keep_units=keep_units, on_unit=on_unit)
     wanted = _wanted(kplan)
     for m, v in kres.matrices.items():
         stats.matrices[m] = np.where(wanted, v, np.nan)
@@ -230,8 +239,10 @@ def _unit_hook(stats: Statistics, keep_units: bool, on_unit):
 
 def _compute_moments(spec: JobSpec, store, sel: Selection, executor, plan_fresh, known, *,
                      state, log: TextIO, counters: _Counters, keep_units: bool, on_unit,
-                     plan: Plan | None = None) -> Statistics:
-    """The metrics of feature moments or Grams (the feature or sample space)."""
+                     plan: Plan | None = None, seed: tuple[dict, dict] | None = None
+                     ) -> Statistics:
+    """The metrics of feature moments or Grams (the feature or sample space). ``seed``:
+    per-unit caches (moments, shape) of units already decided, which need no moments."""
     res = executor.resources(spec.compute.memory_per_worker)
     if plan is None:
         plan = make_plan(spec, sel, res, fresh=plan_fresh, known=frozenset(known))
@@ -243,7 +254,7 @@ def _compute_moments(spec: JobSpec, store, sel: Selection, executor, plan_fresh,
 
     t0 = time.perf_counter()
     if plan.space == "sample":
-        tasks = gram_tasks(plan)
+        tasks = gram_tasks(plan, spec.compute.eig_floor, spec.compute.ambiguous_rank)
         counters.tasks = len(tasks) + len(plan.tiles)
         progress = Progress(len(plan.units), "grams", stream=log, unit="units")
         tiles = {t: (spec.metrics if plan.tile_pairs(t) else ()) for t in plan.tiles}
@@ -255,6 +266,14 @@ def _compute_moments(spec: JobSpec, store, sel: Selection, executor, plan_fresh,
         t1 = time.perf_counter()
         stats.matrices = finalize_sample(plan, grams, spec.metrics)
         counters.finish_seconds = time.perf_counter() - t1
+        for (a, b), t in grams.items():
+            if a == b and t.ranks_a is not None:
+                group = plan.groups[a]
+                stats.ranks.update({i: int(r) for i, r in zip(group, t.ranks_a, strict=True)
+                                    if r >= 0})
+                stats.recomputed += tuple(i for i, p in zip(group, t.precision_a, strict=True)
+                                          if p != plan.precision)
+        _say_recomputed(stats, plan, log)
         return stats
 
     checkpointing = spec.compute.checkpoint_seconds > 0 and state is not None
@@ -268,7 +287,9 @@ def _compute_moments(spec: JobSpec, store, sel: Selection, executor, plan_fresh,
     checkpoints = Checkpoints(state, spec.compute.checkpoint_seconds) if keys else None
     progress = Progress(plan.n_rows, "accumulate", stream=log)
     fin = TileFinalizer(plan, spec.metrics, svcca_threshold=spec.compute.svcca_threshold,
-                        known=known, on_unit=unit_arrived, metric_options=spec.metric_options)
+                        known=known, on_unit=unit_arrived, metric_options=spec.metric_options,
+                        eig_floor=spec.compute.eig_floor,
+                        caches=seed[0] if seed else None, shape_caches=seed[1] if seed else None)
 
     if spec.compute.bootstrap:
         parts: dict = {}
@@ -283,13 +304,15 @@ def _compute_moments(spec: JobSpec, store, sel: Selection, executor, plan_fresh,
         t2 = time.perf_counter()
         stats.bounds = bootstrap_bounds(plan, parts, spec.metrics, spec.compute.bootstrap,
                                         svcca_threshold=spec.compute.svcca_threshold,
-                                        metric_options=spec.metric_options)
+                                        metric_options=spec.metric_options,
+                                        eig_floor=spec.compute.eig_floor)
         print(f"bootstrap: {spec.compute.bootstrap} replicates over "
               f"{len(plan.row_ranges)} row shards in {time.perf_counter() - t2:.1f} s",
               file=log)
         if state is not None:
             state.remove_partials(keys)
-        return stats
+        return _ranks_decided(spec, store, sel, executor, plan, fin, stats, log=log,
+                              counters=counters, keep_units=keep_units, on_unit=on_unit)
 
     done_keys = _restore_and_save(spec, plan, state, tasks, fin, log) if checkpointing else {}
     todo = {tile: ts for tile, ts in tasks.items() if tile not in fin.done}
@@ -307,7 +330,77 @@ def _compute_moments(spec: JobSpec, store, sel: Selection, executor, plan_fresh,
     counters.tiles_reused = fin.restored
     stats.matrices = fin.result()
     stats.cleanup = (keys, done_keys)
+    return _ranks_decided(spec, store, sel, executor, plan, fin, stats, log=log,
+                          counters=counters, keep_units=keep_units, on_unit=on_unit)
+
+
+def _ranks_decided(spec: JobSpec, store, sel: Selection, executor, plan: Plan,
+                   fin: TileFinalizer, stats: Statistics, *, log: TextIO,
+                   counters: _Counters, keep_units: bool, on_unit) -> Statistics:
+    """Feature space, once the pairs are finished: record each unit's effective rank, and
+    for the units whose float32 statistics cannot decide it (cluster/rank.py) recompute
+    their pairs in float64 (``compute.ambiguous_rank: recompute``) or refuse the job.
+
+    The float64 pass computes only the tiles of the ambiguous units' groups and reuses the
+    other units' float32 decisions (a clear gap there); with a bootstrap it recomputes every
+    unit's moments, since each replicate needs them all."""
+    stats.ranks.update(fin.ranks())
+    bad = fin.ambiguous() if plan.precision == "float32" else []
+    if not bad:
+        return stats
+    names = [plan.units[i].label for i in bad]
+    listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    first = fin.caches.get(bad[0]) or fin.shape_caches[bad[0]]
+    if spec.compute.ambiguous_rank == "refuse":
+        raise AmbiguousRankError(
+            f"float32 statistics cannot decide the rank of {len(bad)} unit(s): {listed} "
+            f"({names[0]}: {first.ambiguous}); recompute them in float64 "
+            "(compute.ambiguous_rank: recompute, or compute.precision: float64) or set "
+            "compute.eig_floor")
+    print(f"rank: float32 statistics cannot decide the rank of {listed} "
+          f"({names[0]}: {first.ambiguous}); their pairs are recomputed in float64", file=log)
+    spec64 = replace(spec, compute=replace(spec.compute, precision="float64",
+                                           checkpoint_seconds=0))
+    res = executor.resources(spec.compute.memory_per_worker)
+    others = [i for i in range(len(plan.units)) if i not in bad]
+    if spec.compute.bootstrap:
+        seed, known = None, frozenset()
+    else:
+        seed = ({i: c for i, c in fin.caches.items() if i in others},
+                {i: c for i, c in fin.shape_caches.items() if i in others})
+        known = frozenset(others)
+    plan64 = make_plan(spec64, sel, res, fresh=frozenset(bad), known=known)
+    sub = _Counters()
+    stats64 = _compute_moments(spec64, store, sel, executor, frozenset(bad), {}, state=None,
+                               log=log, counters=sub, keep_units=keep_units, on_unit=on_unit,
+                               plan=plan64, seed=seed)
+    counters.accumulate_seconds += sub.accumulate_seconds
+    counters.finish_seconds += sub.finish_seconds
+    counters.flops += sub.flops
+    counters.tasks += sub.tasks
+    # Overwrite the pairs of the ambiguous units that this job computes.
+    fresh = np.zeros(len(plan.units), bool)
+    fresh[list(plan.fresh)] = True
+    redo = np.zeros(len(plan.units), bool)
+    redo[bad] = True
+    mask = (fresh[:, None] | fresh[None, :]) & (redo[:, None] | redo[None, :])
+    for m, v in stats64.matrices.items():
+        stats.matrices[m] = np.where(mask, v, stats.matrices[m])
+    for m, (lower, upper) in (stats64.bounds or {}).items():
+        old_lower, old_upper = stats.bounds[m]
+        stats.bounds[m] = (np.where(mask, lower, old_lower), np.where(mask, upper, old_upper))
+    stats.ranks.update({i: r for i, r in stats64.ranks.items() if i in bad})
+    stats.unit_moments.update({i: m for i, m in stats64.unit_moments.items() if i in bad})
+    stats.recomputed = tuple(bad)
     return stats
+
+
+def _say_recomputed(stats: Statistics, plan: Plan, log: TextIO) -> None:
+    if stats.recomputed:
+        names = [plan.units[i].label for i in stats.recomputed]
+        print(f"rank: float32 statistics could not decide the rank of {', '.join(names[:5])}"
+              f"{' ...' if len(names) > 5 else ''}: their Grams were recomputed in float64",
+              file=log)
 
 
 def _restore_and_save(spec: JobSpec, plan: Plan, state: StateStore, tasks: dict,
@@ -445,6 +538,11 @@ def _execute(spec, store, sel, t0, *, address, overwrite, incremental, write, ke
                 executor.close()
         print(f"finalize: {stats.n_pairs} pairs in {counters.finish_seconds:.1f} s",
               file=log)
+        low = [f"{sel.units[i].label} {r} of {sel.units[i].features}"
+               for i, r in sorted(stats.ranks.items()) if r < sel.units[i].features]
+        if low:
+            print(f"rank: {len(low)} unit(s) keep fewer directions than their width: "
+                  f"{', '.join(low[:6])}{' ...' if len(low) > 6 else ''}", file=log)
     if previous is not None:
         nightly.fill_reused(stats, previous)
     _check_finite(stats)
@@ -482,6 +580,7 @@ def _execute(spec, store, sel, t0, *, address, overwrite, incremental, write, ke
         tiles_reused=counters.tiles_reused,
         executor=counters.executor,
         space=counters.space,
+        units_recomputed=len(stats.recomputed),
     )
     return summary, stats
 
@@ -506,7 +605,18 @@ def to_dataset(spec: JobSpec, stats: Statistics, kind: str = "run"):
         attrs,
         keys=nightly.unit_keys(sel),
         bounds=stats.bounds,
+        unit_coords={
+            # -1: no metric of the job decided this unit's rank (none whitens).
+            "rank": np.array([stats.ranks.get(i, -1) for i in range(len(sel.units))]),
+            "features": np.array([u.features for u in sel.units]),
+        },
     )
+    for m in spec.metrics:
+        ds[m].attrs.update(metric_attributes(m))
+    ds.attrs["rank_rule"] = RANK_RULE
+    ds.attrs["eig_floor"] = ("auto" if spec.compute.eig_floor is None
+                             else spec.compute.eig_floor)
+    ds.attrs["recomputed_float64"] = [sel.units[i].label for i in stats.recomputed]
     for m, note in stats.notes.items():
         ds[m].attrs["estimate"] = json.dumps(note, sort_keys=True)
         if f"{m}_lower" in ds:  # an approximation's error bars, not a bootstrap's bounds

@@ -491,7 +491,10 @@ def tile_tasks(plan: Plan, row_fingerprint: str | None = None) -> dict[tuple[int
     return tasks
 
 
-def gram_tasks(plan: Plan) -> list[GramTask]:
-    """Sample space: one task per unit, its Gram over the job's rows."""
+def gram_tasks(plan: Plan, eig_floor: float | None = None,
+               ambiguous_rank: str = "recompute") -> list[GramTask]:
+    """Sample space: one task per unit, its Gram over the job's rows (``eig_floor`` and
+    ``ambiguous_rank`` as the spec's compute keys)."""
     return [GramTask(u.ref, plan.rows[0], plan.rows[1], plan.precision, plan.basis,
-                     threads=plan.threads) for u in plan.units]
+                     threads=plan.threads, eig_floor=eig_floor, ambiguous_rank=ambiguous_rank)
+            for u in plan.units]

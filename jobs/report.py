@@ -239,7 +239,27 @@ def show_text(ds, metric: str | None = None) -> str:
             for layer, row in zip(la, cells, strict=True):
                 lines.append(f"{str(layer):<{head}} " + " ".join(f"{c:>{width}}" for c in row))
             lines.append("")
+    lines += rank_lines(ds)
     return "\n".join(lines)
+
+
+def rank_lines(ds) -> list[str]:
+    """One line per unit whose effective rank (the directions the whitening metrics keep,
+    docs/metrics.md) is below its width, and one for units recomputed in float64."""
+    if "rank_x" not in ds.coords or "features_x" not in ds.coords:
+        return []  # results written before ranks were recorded
+    lines = []
+    for model, layer, rank, width in zip(ds["model_x"].values.tolist(),
+                                         ds["layer_x"].values.tolist(),
+                                         ds["rank_x"].values.tolist(),
+                                         ds["features_x"].values.tolist(), strict=True):
+        if 0 <= rank < width:
+            lines.append(f"rank: {model}/{layer} keeps {rank} of {width} directions")
+    recomputed = list(ds.attrs.get("recomputed_float64", []))
+    if recomputed:
+        lines.append(f"rank: recomputed in float64 (ambiguous in float32): "
+                     f"{', '.join(recomputed)}")
+    return lines
 
 
 def _plain(values: np.ndarray) -> list:
@@ -260,7 +280,10 @@ def show_json(ds, metric: str | None = None) -> str:
         metrics[name] = entry
     units = [f"{m}/{layer}" for m, layer in zip(
         ds["model_x"].values.tolist(), ds["layer_x"].values.tolist(), strict=True)]
-    return json.dumps({"units": units, "metrics": metrics})
+    out = {"units": units, "metrics": metrics}
+    if "rank_x" in ds.coords:
+        out["ranks"] = ds["rank_x"].values.tolist()
+    return json.dumps(out)
 
 
 # --- PNG heatmaps -----------------------------------------------------------------------------

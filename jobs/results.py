@@ -78,12 +78,15 @@ def build_dataset(
     keys: Sequence[str] | None = None,
     bounds: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     level: float = 0.9,
+    unit_coords: dict[str, np.ndarray] | None = None,
 ):
     """An xarray Dataset of (U, U) matrices with labelled unit axes.
 
     keys: optional content keys of the units (nightly runs), stored as coordinates
     ``key_x`` and ``key_y``. bounds: optional {metric: (lower, upper)} confidence bounds,
-    stored as variables ``<metric>_lower`` and ``<metric>_upper``."""
+    stored as variables ``<metric>_lower`` and ``<metric>_upper``. unit_coords: optional
+    per-unit values (U,), each stored as coordinates ``<name>_x`` and ``<name>_y`` (a job's
+    ``rank`` and ``features``)."""
     import xarray as xr
 
     # Object arrays of str become Zarr v3's variable-length UTF-8 strings.
@@ -105,6 +108,9 @@ def build_dataset(
         "model_y": ("y", models),
         "layer_y": ("y", layers),
     }
+    for name, values in (unit_coords or {}).items():
+        coords[f"{name}_x"] = ("x", np.asarray(values))
+        coords[f"{name}_y"] = ("y", np.asarray(values))
     if keys is not None:
         coords["key_x"] = ("x", np.array(list(keys), dtype=object))
         coords["key_y"] = ("y", np.array(list(keys), dtype=object))

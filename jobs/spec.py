@@ -53,6 +53,8 @@ COMPUTE_KEYS = (
     "exact_rows",
     "exact_entries",
     "sample_rows",
+    "eig_floor",
+    "ambiguous_rank",
 )
 PRECISIONS = ("float32", "float64")
 MAX_SPEC_BYTES = 1 << 20
@@ -62,6 +64,7 @@ MAX_COUNT = 1_000_000  # bootstrap replicates and shards
 MIN_MEMORY, MAX_MEMORY = 1 << 10, 1 << 50  # 1 KiB (tests tile tiny jobs) to 1 PiB
 SPACES = ("auto", "feature", "sample")
 EXECUTORS = ("auto", "process", "ray")
+AMBIGUOUS_RANK = ("recompute", "refuse")
 
 
 def closest(name: str, choices) -> str:
@@ -111,6 +114,13 @@ class Compute:
     sample of ``sample_rows`` rows, with error bars. exact_entries: up to this many
     pair values in all (units x n(n-1)/2), the median and RSA's ranks are exact; beyond,
     from histograms with error bounds (docs/metrics.md).
+    eig_floor: None ("auto": each unit's rank cut follows from the precision of its
+    statistics, docs/metrics.md) or a relative cut in [0, 1): eigenvalues <= eig_floor *
+    the largest are dropped by every metric that whitens.
+    ambiguous_rank: what to do with a unit whose float32 statistics cannot decide its rank
+    (no clear gap between signal and rounding noise): "recompute" its statistics in float64
+    (default: correct numbers at the cost of that unit's float64 pass), or "refuse" (an
+    error naming the unit).
     """
 
     workers: int | None = None
@@ -127,6 +137,8 @@ class Compute:
     exact_rows: int = 100_000
     exact_entries: int = 1 << 25
     sample_rows: int = 4096
+    eig_floor: float | None = None
+    ambiguous_rank: str = "recompute"
 
 
 @dataclass(frozen=True)
@@ -174,6 +186,8 @@ class JobSpec:
                 "exact_rows": c.exact_rows,
                 "exact_entries": c.exact_entries,
                 "sample_rows": c.sample_rows,
+                "eig_floor": "auto" if c.eig_floor is None else c.eig_floor,
+                "ambiguous_rank": c.ambiguous_rank,
             },
             # Only when some metric has parameters: specs without them keep their identity.
             **({"metric_options": self.metric_options} if self.metric_options else {}),
@@ -505,6 +519,16 @@ def _compute(value: Any, source: str) -> Compute:
         )
     tile_rows = value.get("tile_rows")
     tile_rows = None if tile_rows is None else _int(tile_rows, "compute.tile_rows", source, 2)
+    floor = value.get("eig_floor", "auto")
+    if floor in ("auto", None):
+        floor = None
+    elif isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor < 1:
+        raise SpecError(f"{source}: compute.eig_floor must be 'auto' or a number in [0, 1), "
+                        f"got {shown(floor)}")
+    ambiguous = value.get("ambiguous_rank", "recompute")
+    if ambiguous not in AMBIGUOUS_RANK:
+        raise SpecError(f"{source}: compute.ambiguous_rank must be one of "
+                        f"{', '.join(AMBIGUOUS_RANK)}, got {shown(ambiguous)}")
     return Compute(
         tile_rows=tile_rows,
         exact_rows=_int(value.get("exact_rows", 100_000), "compute.exact_rows", source, 3),
@@ -521,4 +545,6 @@ def _compute(value: Any, source: str) -> Compute:
         svcca_threshold=float(threshold),
         checkpoint_seconds=float(every),
         space=space,
+        eig_floor=None if floor is None else float(floor),
+        ambiguous_rank=ambiguous,
     )

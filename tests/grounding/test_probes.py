@@ -28,7 +28,7 @@ def correlated(n: int, p: int, seed: int) -> np.ndarray:
 def test_probe_equals_deleting_from_raw_rows(n, p):
     x = correlated(n, p, seed=p)
     m = unit_moments(block_moments(x, widths_a=(p,)), 0)
-    points = pc_deletion_probe(m, fractions=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9))
+    points = pc_deletion_probe(m, fractions=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9), precision="float64")
     # An independent basis: the SVD of the centered rows (signs do not matter in P).
     _, _, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
     assert {pt.end for pt in points} == {"lowest", "highest"}

@@ -39,6 +39,31 @@ def test_minimal_spec_defaults():
     assert spec.metrics == ("linear_cka",)
 
 
+def test_rank_keys_default_and_override():
+    """compute.eig_floor: auto (derived from the precision) or a relative cut;
+    compute.ambiguous_rank: recompute (default) or refuse. Both survive to_dict()."""
+    base = "store: a.zarr\nmetrics: [mean_cca]\noutput: r.zarr\n"
+    spec = parse_spec(base)
+    assert spec.compute.eig_floor is None and spec.compute.ambiguous_rank == "recompute"
+    assert spec.to_dict()["compute"]["eig_floor"] == "auto"
+    spec = parse_spec(base + "compute: {eig_floor: 1.0e-6, ambiguous_rank: refuse}\n")
+    assert spec.compute.eig_floor == 1e-6 and spec.compute.ambiguous_rank == "refuse"
+    assert spec_from_dict(spec.to_dict()) == spec
+    assert parse_spec(base + "compute: {eig_floor: 0}\n").compute.eig_floor == 0.0
+    assert parse_spec(base + "compute: {eig_floor: auto}\n").compute.eig_floor is None
+
+
+@pytest.mark.parametrize("value", ["1.5", "-1e-9", "yes", "true", "[1e-6]", "lots"])
+def test_bad_eig_floor_is_refused_by_name(value):
+    with pytest.raises(SpecError, match=r"compute.eig_floor must be 'auto' or a number"):
+        parse_spec(f"store: a\nmetrics: [mean_cca]\noutput: o\ncompute: {{eig_floor: {value}}}\n")
+
+
+def test_bad_ambiguous_rank_is_refused_by_name():
+    with pytest.raises(SpecError, match=r"compute.ambiguous_rank must be one of recompute, refuse"):
+        parse_spec("store: a\nmetrics: [mean_cca]\noutput: o\ncompute: {ambiguous_rank: ok}\n")
+
+
 def test_per_model_layers():
     spec = parse_spec(
         "store: a\nmetrics: [linear_cka]\noutput: o\nlayers: {m1: [l1, l2], m2: [l3]}\n"

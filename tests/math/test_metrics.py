@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import ortho_group
 
-from repscope.cluster.accumulate import block_moments
+from repscope.cluster.accumulate import TileAccumulator, block_moments
 from repscope.cluster.caches import prepare_unit
 from repscope.cluster.compare import compare_arrays
 from repscope.cluster.matrices import similarity_matrices
@@ -35,15 +35,16 @@ def related(rng, n, p, q, noise=1.0, offset=3.0):
 @pytest.mark.parametrize("n, p, q", [(60, 5, 8), (80, 9, 4), (50, 6, 6), (120, 12, 3)])
 @pytest.mark.parametrize("threshold", [0.99, 0.9])
 def test_matches_naive_implementation(n, p, q, threshold):
-    """Unseen random data, p != q both ways: every metric within 1e-6 absolute."""
+    """Unseen random data, p != q both ways: every metric to float64 precision (measured
+    <= 2e-15; bound 1e-12)."""
     rng = np.random.default_rng(1000 * n + 10 * p + q)
     x, y = related(rng, n, p, q, noise=2.0)
     want = naive_metrics(x, y, svcca_threshold=threshold)
     got = compare_arrays(x, y, svcca_threshold=threshold)
     for metric in ALL:
-        assert got[metric] == pytest.approx(want[metric], abs=1e-6), metric
+        assert got[metric] == pytest.approx(want[metric], abs=1e-12), metric
     assert compare_arrays(y, x, "pwcca", svcca_threshold=threshold)["pwcca"] == pytest.approx(
-        want["pwcca_yx"], abs=1e-6
+        want["pwcca_yx"], abs=1e-12
     )
 
 
@@ -206,6 +207,173 @@ def test_debiased_cka_needs_fourth_order_moments():
     tile = block_moments(z, widths_a=(2, 2))
     with pytest.raises(InputError, match="fourth=True"):
         prepare_unit(unit_moments(tile, 0), ["linear_cka_debiased"], name="u")
+
+
+# --- PWCCA without arbitrary choices -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_narrow():
+    """A 48-wide and a 24-wide layer of the same inputs (p > q: x's SVD basis has a
+    24-column completion that LAPACK chooses arbitrarily)."""
+    rng = np.random.default_rng(48)
+    h = rng.standard_normal((2000, 30))
+    x = np.tanh(h @ rng.standard_normal((30, 48)) / 5) + 0.5 * rng.standard_normal((2000, 48))
+    y = np.tanh(h[:, :20] @ rng.standard_normal((20, 24)) / 4) + 0.5 * rng.standard_normal(
+        (2000, 24))
+    return x, y
+
+
+def _published_pwcca(x, y, completion):
+    """sim_metric's pwcca_dist convention (weights normalised over all p columns of the
+    full U), with U's completion rotated by ``completion``: what the published code gives
+    depends on that arbitrary basis."""
+    from tests.math import naive
+
+    a, b = naive._prepare(x), naive._prepare(y)
+    (wa, _), (wb, _) = naive._whiten(a), naive._whiten(b)
+    u, rho, _ = np.linalg.svd(wa @ a.T @ b @ wb, full_matrices=True)
+    k = rho.size
+    u = np.hstack([u[:, :k], u[:, k:] @ completion])
+    weights = np.abs((a @ wa @ u).T @ a).sum(axis=1)
+    return float((weights / weights.sum())[:k] @ rho)
+
+
+def test_pwcca_does_not_depend_on_the_completion(wide_narrow):
+    """The published convention moves by ~3e-3 with the completion; ours uses the k =
+    min(rank x, rank y) variates only: invariant to any map of y that keeps its column
+    space (which changes the SVD's completion), to column permutations and sign flips of
+    either side, and equal to the naive implementation."""
+    x, y = wide_narrow
+    published = [_published_pwcca(x, y, ortho_group.rvs(24, random_state=s)) for s in range(8)]
+    assert max(published) - min(published) > 1e-3  # the arbitrariness this definition removes
+    base = compare_arrays(x, y, "pwcca")["pwcca"]
+    assert base == pytest.approx(naive_metrics(x, y, debiased=False)["pwcca"], abs=1e-12)
+    rng = np.random.default_rng(3)
+    flips_x = np.eye(48)[rng.permutation(48)] * rng.choice([-1, 1], 48)
+    for s in range(4):
+        r = ortho_group.rvs(24, random_state=10 + s)
+        mixed = y @ (r + 0.3 * rng.standard_normal((24, 24)))  # invertible: same span
+        for x2, y2 in [(x, y @ r), (x, mixed), (x @ flips_x, y[:, rng.permutation(24)])]:
+            assert compare_arrays(x2, y2, "pwcca")["pwcca"] == pytest.approx(base, abs=1e-10)
+
+
+def test_pwcca_equals_published_for_full_rank_units_with_p_at_most_q(wide_narrow):
+    """The seed paper's case (and p < q): no completion, so both conventions coincide."""
+    x, y = wide_narrow
+    for a, b in [(y, x), (x[:, :24], y)]:  # U is square: it has no completion
+        assert compare_arrays(a, b, "pwcca")["pwcca"] == pytest.approx(
+            _published_pwcca(a, b, np.eye(0)), abs=1e-12)
+
+
+def test_pwcca_of_a_job_equals_compare_arrays(wide_narrow):
+    """Streamed float32 moments through the driver and the in-memory float64 path agree in
+    both directions (they disagreed by 3e-2 when the completion entered the weights)."""
+    x, y = wide_narrow
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    acc = TileAccumulator((48, 24), None, gemm_dtype=np.float32)
+    z = np.hstack([x, y])
+    for i in range(0, 2000, 300):
+        acc.update(z[i:i + 300])
+    tile = acc.result()
+    got = similarity_matrices([unit_moments(tile, 0), unit_moments(tile, 1)],
+                              lambda i, j: pair_moments(tile, i, j), ["pwcca"])["pwcca"]
+    assert got[0, 1] == pytest.approx(compare_arrays(x, y, "pwcca")["pwcca"], abs=1e-6)
+    assert got[1, 0] == pytest.approx(compare_arrays(y, x, "pwcca")["pwcca"], abs=1e-6)
+
+
+def test_pwcca_weights_over_the_variates_that_exist():
+    """A rank-5 unit of width 20 against a full-rank 12-wide one: k = 5 weights."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((400, 5)) @ rng.standard_normal((5, 20))
+    y = x[:, :12] + rng.standard_normal((400, 12))
+    tile = block_moments(np.hstack([x, y]), widths_a=(20, 12))
+    cx = prepare_unit(unit_moments(tile, 0), ["pwcca"], precision="float64")
+    cy = prepare_unit(unit_moments(tile, 1), ["pwcca"], precision="float64")
+    assert (cx.rank, cy.rank) == (5, 12) and cx.root.shape == (20, 5)
+    xy, yx = compare_pair(cx, cy, pair_moments(tile, 0, 1))["pwcca"]
+    want = naive_metrics(x, y, debiased=False)
+    assert (xy, yx) == (pytest.approx(want["pwcca"], abs=1e-12),
+                        pytest.approx(want["pwcca_yx"], abs=1e-12))
+
+
+def test_metric_attributes_state_the_conventions():
+    from repscope.cluster.registry import metric_attributes
+
+    for name in ALL:
+        attrs = metric_attributes(name)
+        assert attrs["direction"] == METRICS[name].direction and attrs["convention"]
+        assert attrs["rank_cut"] == METRICS[name].needs_whitening
+    assert "over min(p, q)" in metric_attributes("mean_cca")["convention"]
+    assert "count as 0" in metric_attributes("mean_sq_cca")["convention"]
+    assert "min(rank x, rank y)" in metric_attributes("pwcca")["convention"]
+    with pytest.raises(InputError, match="did you mean 'pwcca'"):
+        metric_attributes("pwca")
+
+
+# --- extreme but finite values ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [1e30, 3e38, 1e-30])
+def test_extreme_finite_values_give_correct_finite_results(value):
+    """One extreme entry in a float32 unit: every path is finite and equals the float64
+    reference (the unit is then dominated by that row, as in exact arithmetic)."""
+    from repscope.cluster.gram import sample_space_metrics
+
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal((500, 12)).astype(np.float32)
+    y = (x[:, :8] @ rng.standard_normal((8, 9)) + rng.standard_normal((500, 9))
+         ).astype(np.float32)
+    x[7, 3] = value
+    metrics = [m for m in ALL if m != "linear_cka_debiased"]
+    want = naive_metrics(x, y, debiased=False)
+    for dtype in (np.float32, np.float64):
+        got = compare_arrays(x, y, metrics, gemm_dtype=dtype)
+        for m in metrics:
+            assert got[m] == pytest.approx(want[m], abs=2e-6), (m, dtype)
+    sample = sample_space_metrics(x, y, [m for m in metrics if m != "pwcca"], dtype=np.float32)
+    for m, v in sample.items():
+        assert v == pytest.approx(want[m], abs=2e-6), m
+
+
+def test_a_tiny_unit_keeps_its_digits():
+    """Values near 1e-25: their float32 products would underflow; scaled, they do not."""
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((400, 10))
+    y = x[:, :6] @ rng.standard_normal((6, 7)) + rng.standard_normal((400, 7))
+    tiny = (x * 1e-25).astype(np.float32)
+    want = naive_metrics(tiny, y)
+    got = compare_arrays(tiny, y, gemm_dtype=np.float32)
+    for m in ALL:
+        assert got[m] == pytest.approx(want[m], abs=1e-6), m
+
+
+def test_debiased_cka_dominated_by_one_row_is_refused_by_name():
+    """With one value of 1e30 the unbiased self-HSIC is negative (the estimator is undefined
+    there; the float64 formula gives NaN): an error naming the unit, never a NaN."""
+    x = np.random.default_rng(0).standard_normal((300, 6)).astype(np.float32)
+    x[5, 2] = 1e30
+    with pytest.raises(InputError, match="'x': its debiased self-HSIC .* not positive"):
+        compare_arrays(x, x[:, :4] + 1, "linear_cka_debiased", gemm_dtype=np.float32)
+
+
+def test_non_finite_statistics_are_errors_naming_the_units():
+    from repscope.cluster.gram import gram_similarity_matrices
+    from repscope.cluster.moments import PairMoments, UnitMoments
+
+    good = UnitMoments(10, np.zeros(2), np.eye(2))
+    bad = UnitMoments(10, np.zeros(2), np.array([[1.0, np.inf], [np.inf, 1.0]]))
+    with pytest.raises(InputError, match="'m/l1': its second moments is not finite"):
+        prepare_unit(bad, ["linear_cka"], name="m/l1")
+    cx = prepare_unit(good, ["linear_cka", "procrustes"], name="a/x")
+    cy = prepare_unit(good, ["linear_cka", "procrustes"], name="b/y")
+    with pytest.raises(InputError, match="of units 'a/x' and 'b/y' is not finite"):
+        compare_pair(cx, cy, PairMoments(np.array([[np.nan, 0.0], [0.0, 1.0]])),
+                     ["linear_cka"])
+    kl = np.array([[1.0, np.nan], [np.nan, 1.0]])
+    with pytest.raises(InputError, match="linear_cka of 'm/a' and 'm/b'"):
+        gram_similarity_matrices(10, kl, np.zeros((2, 2)), np.ones(2), ["linear_cka"],
+                                 names=["m/a", "m/b"])
 
 
 # --- the pairwise driver over multi-unit groups --------------------------------------------

@@ -10,12 +10,16 @@ import pytest
 from repscope.cluster.accumulate import block_moments
 from repscope.cluster.caches import prepare_unit
 from repscope.cluster.compare import compare_arrays
+from repscope.cluster.gram import sample_space_metrics
 from repscope.cluster.moments import merge_all, pair_moments, unit_moments
 from repscope.cluster.pairs import compare_pair
 from repscope.cluster.registry import MOMENT_METRICS
 
 PAIRS = ["kornblith_demo", "mnist_lay04", "svhn_lay06"]
-TOL = 1e-6  # absolute, float64 path (measured: < 1e-14)
+# Absolute. float64 path: measured <= 5e-15 (every metric, both PWCCA directions, both
+# spaces), so a float32-level regression (1e-7) fails. float32 GEMMs: measured <= 2e-7.
+TOL = 1e-13
+TOL32 = 1e-6
 
 
 def expected(values: dict) -> dict[str, float]:
@@ -43,7 +47,7 @@ def load(reference, name):
 @pytest.mark.parametrize("name", PAIRS)
 def test_compare_arrays_matches_reference(reference, values, name):
     x, y = load(reference, name)
-    got = compare_arrays(x, y)
+    got = compare_arrays(x, y, ambiguous_rank="refuse")
     want = expected(values[name])
     assert set(got) == set(MOMENT_METRICS)
     for metric, value in want.items():
@@ -88,3 +92,25 @@ def test_streamed_blocks_match_reference(reference, values, name):
     got = compare_pair(cx, cy, pair_moments(xy, 0, 0))
     for metric, value in expected(values[name]).items():
         assert got[metric][0] == pytest.approx(value, abs=TOL), metric
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_float32_products_match_reference(reference, values, name):
+    """The default precision (float32 GEMMs, float64 sums): full-rank units, no unit
+    ambiguous (nothing is recomputed in float64), every metric within 1e-6."""
+    x, y = load(reference, name)
+    got = compare_arrays(x, y, gemm_dtype=np.float32, ambiguous_rank="refuse")
+    for metric, value in expected(values[name]).items():
+        assert got[metric] == pytest.approx(value, abs=TOL32), metric
+    yx = compare_arrays(y, x, "pwcca", gemm_dtype=np.float32, ambiguous_rank="refuse")
+    assert yx["pwcca"] == pytest.approx(1.0 - values[name]["pwcca_distance_yx"], abs=TOL32)
+
+
+@pytest.mark.parametrize("name", ["kornblith_demo", "svhn_lay06"])  # MNIST: 10,000 rows
+@pytest.mark.parametrize("dtype, tol", [(np.float64, TOL), (np.float32, TOL32)])
+def test_sample_space_matches_reference(reference, values, name, dtype, tol):
+    x, y = load(reference, name)
+    got = sample_space_metrics(x, y, dtype=dtype, ambiguous_rank="refuse")
+    want = expected(values[name])
+    for metric, value in got.items():
+        assert value == pytest.approx(want[metric], abs=tol), metric

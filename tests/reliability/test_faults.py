@@ -114,7 +114,11 @@ def raylet_of(node: subprocess.Popen) -> psutil.Process:
 def assert_same(a: Path, b: Path) -> None:
     x, y = xr.open_zarr(a), xr.open_zarr(b)
     for metric in METRICS:
-        np.testing.assert_allclose(x[metric].values, y[metric].values, rtol=0, atol=1e-12)
+        # A resumed run merges the same rows in another grouping (1e-16 relative in the
+        # moments); with float32 statistics Procrustes' nuclear norm comes from eigenvalues
+        # of CxyᵀCxy, which turns that into up to 9e-12 (measured); the statistics' own
+        # error is 1e-7.
+        np.testing.assert_allclose(x[metric].values, y[metric].values, rtol=0, atol=1e-10)
 
 
 def test_worker_node_raylet_killed_mid_job(cluster, job):
