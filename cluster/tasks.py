@@ -85,14 +85,61 @@ class TileTask:
         return self.stop - self.start
 
 
-def read_group(store, units: tuple[UnitRef, ...], start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of several units side by side: ndarray (stop - start, sum widths)."""
-    parts = [
-        store.read(u.model, u.layer, start, stop) if u.version is None
-        else store.read(u.model, u.layer, start, stop, version=u.version)
-        for u in units
-    ]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+def read_group(store, units: tuple[UnitRef, ...], start: int, stop: int,
+               out: Callable[[tuple[int, int], np.dtype], np.ndarray] | None = None
+               ) -> np.ndarray:
+    """Rows [start, stop) of several units side by side: ndarray (stop - start, sum widths).
+
+    ``out``, when given, is a :class:`Buffers` slot: each unit is read into memory reused
+    from the previous block, and several units are assembled into the slot's array. Memory
+    touched for the first time can cost more than the read itself (page faults of a VM:
+    docs/performance.md)."""
+    if len(units) == 1:  # read straight into the slot
+        u = units[0]
+        return store.read(u.model, u.layer, start, stop, version=u.version,
+                          out=None if out is None else out.unit(None, u, store, stop - start))
+    parts = [store.read(u.model, u.layer, start, stop, version=u.version,
+                        out=None if out is None else out.unit(k, u, store, stop - start))
+             for k, u in enumerate(units)]
+    shape = (stop - start, sum(p.shape[1] for p in parts))
+    dtype = np.result_type(*parts)
+    return np.concatenate(parts, axis=1, out=None if out is None else out.group(shape, dtype))
+
+
+class Buffers:
+    """Arrays a task reuses from block to block: per slot, the group's rows (the reader
+    fills one slot while the product reads the other); for groups of several units, the
+    rows of each unit as read (one set, shared by the slots: only the reader thread uses
+    them, and copies them into the slot at once)."""
+
+    def __init__(self) -> None:
+        self.arrays: dict = {}
+
+    def _get(self, key, shape: tuple[int, int], dtype) -> np.ndarray:
+        a = self.arrays.get(key)
+        size = shape[0] * shape[1]
+        if a is None or a.dtype != dtype or a.size < size:
+            a = self.arrays[key] = np.empty(size, dtype)
+        return a[:size].reshape(shape)
+
+    def slot(self, key) -> _Slot:
+        return _Slot(self, key)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    buffers: Buffers
+    key: object
+
+    def unit(self, k: int | None, unit: UnitRef, store, rows: int) -> np.ndarray:
+        """Where to read unit ``k`` of a group: scratch shared by the slots (copied into the
+        group at once), or with ``k`` None (a group of one unit) the slot's own array."""
+        info = store.unit_info(unit.model, unit.layer, version=unit.version)
+        key = ("group", self.key) if k is None else ("unit", k)
+        return self.buffers._get(key, (rows, info.features), info.dtype)
+
+    def group(self, shape: tuple[int, int], dtype) -> np.ndarray:
+        return self.buffers._get(("group", self.key), shape, dtype)
 
 
 def blas_threads(threads: int | None):
@@ -162,9 +209,13 @@ def _accumulate(
     (current() returns the moments of the blocks done so far)."""
     gemm_dtype = np.float32 if task.precision == "float32" else np.float64
 
-    def read(block: tuple[int, int]):
-        za = read_group(store, task.units_a, *block)
-        zb = None if task.units_b is None else read_group(store, task.units_b, *block)
+    buffers = Buffers()
+
+    def read(k: int):
+        block = blocks[k]
+        za = read_group(store, task.units_a, *block, out=buffers.slot(("a", k % 2)))
+        zb = None if task.units_b is None else read_group(store, task.units_b, *block,
+                                                          out=buffers.slot(("b", k % 2)))
         # Shifted here, in the reader thread, while the previous block's product runs. The
         # blocks are fresh arrays read for this task: shifted in place.
         return (shift_block(za, gemm_dtype, "a", overwrite=True),
@@ -178,13 +229,13 @@ def _accumulate(
     # the GIL), and the first block's I/O overlaps allocating the accumulator (seconds for
     # gigabytes of fresh pages in a new worker).
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read, blocks[0])
+        pending = pool.submit(read, 0)
         acc = TileAccumulator(task.widths_a, task.widths_b, fourth=task.fourth,
                               gemm_dtype=gemm_dtype)
         for k in range(len(blocks)):
             za, zb = pending.result()
             if k + 1 < len(blocks):
-                pending = pool.submit(read, blocks[k + 1])
+                pending = pool.submit(read, k + 1)
             acc.update(za, zb)
             if on_block is not None and k + 1 < len(blocks):
                 on_block(lambda: acc.result(keep=True))

@@ -331,8 +331,12 @@ class ActivationStore:
         stop: int | None = None,
         *,
         version: str | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Rows ``start:stop`` of a unit: ndarray of shape (stop - start, features), storage dtype.
+
+        ``out``: a C-contiguous array of that shape and dtype to read into (returned), so
+        that a reader can reuse its memory from block to block.
 
         ``version`` (from :attr:`UnitInfo.version`): read exactly that version, or raise
         :class:`~repscope.errors.UnitChangedError` if it is gone. Without it, the version
@@ -347,6 +351,12 @@ class ActivationStore:
             raise InputError(
                 f"model {model!r}, layer {layer!r}: rows {start}:{stop} out of range 0:{rows}"
             )
+        if out is not None and (out.shape != (stop - start, opened.array.shape[1])
+                                or out.dtype != opened.array.dtype
+                                or not out.flags.c_contiguous):
+            raise ValueError(f"out must be a C-contiguous ({stop - start}, "
+                             f"{opened.array.shape[1]}) {opened.array.dtype} array, got "
+                             f"{out.shape} {out.dtype}")
         what = f"store {self.url}, model {model!r}, layer {layer!r}"
         if self.catalog.format >= 2:
             what += f" (version {opened.entry.version})"
@@ -354,11 +364,16 @@ class ActivationStore:
             with self._errors():
                 direct = opened.direct
                 if direct is not None and direct.directory is not None:
-                    return read_rows(direct, start, stop)
+                    return read_rows(direct, start, stop, out=out)
                 if direct is not None:
-                    return read_rows_remote(direct, self.catalog.zstore, opened.entry.path,
-                                            start, stop)
-                return np.asarray(opened.array[start:stop])
+                    rows_read = read_rows_remote(direct, self.catalog.zstore,
+                                                 opened.entry.path, start, stop)
+                else:
+                    rows_read = np.asarray(opened.array[start:stop])
+                if out is None:
+                    return rows_read
+                out[...] = rows_read
+                return out
         except ShardError as exc:
             if self.catalog.format >= 2 and not self.catalog.version_exists(opened.entry.path):
                 self._opened.pop(opened.entry.path, None)

@@ -215,13 +215,20 @@ def _shards(layout: ShardLayout, start: int, stop: int) -> range:
 # -- local files ------------------------------------------------------------------------
 
 
-def read_rows(layout: ShardLayout, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a local unit as a new (stop - start, features) array.
+def read_rows(layout: ShardLayout, start: int, stop: int,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [start, stop) of a local unit as a (stop - start, features) array: a new one, or
+    ``out`` (C-contiguous, that shape and the unit's dtype) filled and returned.
 
     Raises :class:`ShardError` for a missing or damaged shard or chunk, OSError for the file
     system's own failures.
     """
-    out = np.empty((stop - start, layout.features), dtype=layout.dtype)
+    shape = (stop - start, layout.features)
+    if out is None:
+        out = np.empty(shape, dtype=layout.dtype)
+    elif out.shape != shape or out.dtype != layout.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {shape} {layout.dtype} array, got "
+                         f"{out.shape} {out.dtype}")
     flat = out.reshape(-1).view(np.uint8)
     rb = layout.row_bytes
     for shard in _shards(layout, start, stop):

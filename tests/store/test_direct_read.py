@@ -75,3 +75,19 @@ def test_layouts_it_does_not_know_read_through_zarr(tmp_path):
     narrow = zarr.create_array(str(tmp_path / "n.zarr"), shape=(50, 4), dtype="float32",
                                chunks=(10, 2), shards=(20, 4), compressors=None)
     assert shard_layout(narrow, dense=True) is None  # a row spans two chunks
+
+
+def test_reads_into_a_reused_array(tmp_path):
+    """``out``: the rows land in the caller's array (a task reuses its memory block to block);
+    an array of the wrong shape or dtype is refused, not silently reinterpreted."""
+    data = np.random.default_rng(3).standard_normal((ROWS, FEATURES))
+    store = _store(tmp_path, data)
+    out = np.full((100, FEATURES), np.nan, np.float32)
+    for start in (0, 150, 900):
+        got = store.read("m", "l", start, start + 100, out=out)
+        assert got is out
+        np.testing.assert_array_equal(out, data[start:start + 100].astype(np.float32))
+    with pytest.raises(ValueError, match="out must be a C-contiguous"):
+        store.read("m", "l", 0, 50, out=out)
+    with pytest.raises(ValueError, match="out must be a C-contiguous"):
+        store.read("m", "l", 0, 100, out=out.astype(np.float64))
