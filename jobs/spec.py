@@ -465,6 +465,15 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
+def _choice(compute: dict, key: str, choices: tuple[str, ...], source: str) -> str:
+    """``compute[key]``, one of ``choices`` (default: the first)."""
+    got = compute.get(key, choices[0])
+    if got not in choices:
+        raise SpecError(f"{source}: compute.{key} must be one of {', '.join(choices)}, got "
+                        f"{shown(got)}")
+    return got
+
+
 def _compute(value: Any, source: str) -> Compute:
     if value is None:
         return Compute()
@@ -477,12 +486,7 @@ def _compute(value: Any, source: str) -> Compute:
     workers = value.get("workers", "auto")
     workers = None if workers in ("auto", None) else _int(workers, "compute.workers", source, 1,
                                                           MAX_WORKERS)
-    precision = value.get("precision", "float32")
-    if precision not in PRECISIONS:
-        raise SpecError(
-            f"{source}: compute.precision must be one of {', '.join(PRECISIONS)}, "
-            f"got {shown(precision)}"
-        )
+    precision = _choice(value, "precision", PRECISIONS, source)
     memory = value.get("memory_per_worker")
     if memory in (None, "auto"):
         memory = None
@@ -496,11 +500,7 @@ def _compute(value: Any, source: str) -> Compute:
     if not number or not 0 < threshold <= 1:
         raise SpecError(
             f"{source}: compute.svcca_threshold must be in (0, 1], got {shown(threshold)}")
-    space = value.get("space", "auto")
-    if space not in SPACES:
-        raise SpecError(
-            f"{source}: compute.space must be one of {', '.join(SPACES)}, got {shown(space)}"
-        )
+    space = _choice(value, "space", SPACES, source)
     every = value.get("checkpoint_seconds", 120.0)
     if (isinstance(every, bool) or not isinstance(every, int | float)
             or not math.isfinite(every) or every < 0):
@@ -511,12 +511,7 @@ def _compute(value: Any, source: str) -> Compute:
         raise SpecError(f"{source}: compute.bootstrap needs at least 2 replicates (or 0)")
     shards = _int(value.get("bootstrap_shards", 20), "compute.bootstrap_shards", source, 2,
                   MAX_COUNT)
-    executor = value.get("executor", "auto")
-    if executor not in EXECUTORS:
-        raise SpecError(
-            f"{source}: compute.executor must be one of {', '.join(EXECUTORS)}, got "
-            f"{shown(executor)}"
-        )
+    executor = _choice(value, "executor", EXECUTORS, source)
     tile_rows = value.get("tile_rows")
     tile_rows = None if tile_rows is None else _int(tile_rows, "compute.tile_rows", source, 2)
     floor = value.get("eig_floor", "auto")
@@ -525,10 +520,7 @@ def _compute(value: Any, source: str) -> Compute:
     elif isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor < 1:
         raise SpecError(f"{source}: compute.eig_floor must be 'auto' or a number in [0, 1), "
                         f"got {shown(floor)}")
-    ambiguous = value.get("ambiguous_rank", "recompute")
-    if ambiguous not in AMBIGUOUS_RANK:
-        raise SpecError(f"{source}: compute.ambiguous_rank must be one of "
-                        f"{', '.join(AMBIGUOUS_RANK)}, got {shown(ambiguous)}")
+    ambiguous = _choice(value, "ambiguous_rank", AMBIGUOUS_RANK, source)
     return Compute(
         tile_rows=tile_rows,
         exact_rows=_int(value.get("exact_rows", 100_000), "compute.exact_rows", source, 3),
