@@ -4,7 +4,6 @@ machine did, never a traceback, no secret in it, and nothing half-written."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,20 +24,10 @@ from repscope.jobs.cli import describe_error, main
 from repscope.jobs.results import build_dataset, write_results
 from tests.jobs.conftest import make_store
 from tests.raycluster import free_port
+from tests.reliability.snapshots import snapshot
 
 REPSCOPE = str(Path(sys.executable).with_name("repscope"))
 KEY, SECRET = "AKIAPLANTEDFAKEKEY42", "planted-secret-value-Zq81"
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            out[rel] = ("link:" + os.readlink(p) if p.is_symlink() else
-                        hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -187,15 +176,21 @@ def run_main(argv: list[str]) -> int:
         return int(exc.code)
 
 
-@pytest.mark.parametrize("case", TABLE, ids=[c.id for c in TABLE])
-def test_bad_input_table(case, tmp_path, store, monkeypatch, capsys):
+def run_in_copy(case, tmp_path, store, monkeypatch, capsys):
+    """Run a case's command in tmp_path beside a copy of the store: (argv, what tmp_path
+    held before, exit code, stdout, stderr, stderr's lines)."""
     monkeypatch.chdir(tmp_path)
     shutil.copytree(store, tmp_path / "acts.zarr")
     argv = case.argv(tmp_path)
     before = snapshot(tmp_path)
     code = run_main(argv)
     out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
+    return argv, before, code, out, err, err.strip().splitlines()
+
+
+@pytest.mark.parametrize("case", TABLE, ids=[c.id for c in TABLE])
+def test_bad_input_table(case, tmp_path, store, monkeypatch, capsys):
+    argv, before, code, out, err, lines = run_in_copy(case, tmp_path, store, monkeypatch, capsys)
     assert code == case.code, err
     assert len(lines) == 1, err  # refused before any work: nothing else was printed
     assert lines[0].startswith(f"repscope {argv[0]}: error: ")
@@ -397,13 +392,7 @@ STORE_TABLE = [Case("run: corrupt store zarr.json", _corrupt_root, 0, ""),
 
 @pytest.mark.parametrize("case", STORE_TABLE, ids=[c.id for c in STORE_TABLE])
 def test_the_boundary_holds_for_damaged_stores(case, tmp_path, store, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(store, tmp_path / "acts.zarr")
-    argv = case.argv(tmp_path)
-    before = snapshot(tmp_path)
-    code = run_main(argv)
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
+    argv, before, code, out, err, lines = run_in_copy(case, tmp_path, store, monkeypatch, capsys)
     assert code in (1, 2)
     assert lines[-1].startswith(f"repscope {argv[0]}: error:")  # after progress, if any
     assert sum("error" in line for line in lines) == 1

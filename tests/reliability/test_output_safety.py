@@ -3,8 +3,6 @@ is refused with exit 2 before any work, --overwrite included, and left exactly a
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -17,22 +15,7 @@ from repscope.jobs.cli import main
 from repscope.jobs.outputs import check_output_safe
 from repscope.jobs.results import build_dataset, open_results, write_results
 from tests.jobs.conftest import make_store
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under root (links as links) with a digest of its content."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = "link:" + os.readlink(p)
-            elif p.is_file():
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-            else:
-                out[rel] = "dir"
-    return out
+from tests.reliability.snapshots import snapshot
 
 
 def results(value: float = 1.0):
