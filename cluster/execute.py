@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 from repscope.cluster.gram import GramTile
 from repscope.cluster.moments import merge_all
+from repscope.cluster.pages import on_plain_pages
 from repscope.cluster.tasks import (
     Checkpoints,
     GramTask,
@@ -166,13 +167,18 @@ def _remotes() -> SimpleNamespace:
     import ray
 
     on_storage_errors = dict(max_retries=TASK_RETRIES, retry_exceptions=[StorageError])
+
+    def remote(task, **options):
+        # A worker allocates a task's memory without numpy's huge-page advice (cluster/pages.py).
+        return ray.remote(**options)(on_plain_pages(task))
+
     return SimpleNamespace(
-        accumulate=ray.remote(**on_storage_errors)(accumulate_tile),
-        merge=ray.remote(max_retries=TASK_RETRIES)(merge_parts),
-        gram=ray.remote(**on_storage_errors)(read_unit_gram),
-        gram_tile=ray.remote(max_retries=TASK_RETRIES)(gram_tile_task),
-        kernel_tile=ray.remote(**on_storage_errors)(kernel_tile_task),
-        sample=ray.remote(**on_storage_errors)(read_sample),
+        accumulate=remote(accumulate_tile, **on_storage_errors),
+        merge=remote(merge_parts, max_retries=TASK_RETRIES),
+        gram=remote(read_unit_gram, **on_storage_errors),
+        gram_tile=remote(gram_tile_task, max_retries=TASK_RETRIES),
+        kernel_tile=remote(kernel_tile_task, **on_storage_errors),
+        sample=remote(read_sample, **on_storage_errors),
     )
 
 

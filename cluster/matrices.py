@@ -12,7 +12,7 @@ import numpy as np
 
 from repscope.cluster.caches import UnitCache, ambiguous_units, prepare_unit
 from repscope.cluster.moments import PairMoments, UnitMoments
-from repscope.cluster.pairs import canonical_pairs, compare_pair, nuclear_norms
+from repscope.cluster.pairs import canonical_pairs, compare_pair, nuclear_norms, self_pair
 from repscope.cluster.rank import AmbiguousRankError
 from repscope.cluster.registry import CCA_FAMILY, METRICS, check_metrics
 from repscope.errors import InputError
@@ -122,13 +122,18 @@ def similarity_matrices(
 
     caches = {} if caches is None else caches
     needed = sorted({k for pair in todo for k in pair} - set(caches))
-    # Pairs in chunks of up to 64 (and 64 MiB of cross moments, and at least one chunk per
-    # thread), so the decompositions of a chunk are stacked calls (canonical_pairs,
-    # nuclear_norms).
+    # A unit against itself follows from the definitions (pairs.self_pair): no decomposition.
+    others = [pair for pair in todo if pair[0] != pair[1]]
     widest = max((units[i].cxx.shape[0] if units[i] is not None else caches[i].dim
-                  for pair in todo for i in pair), default=1)
-    size = max(1, min(64, (64 << 20) // (8 * widest * widest), -(-len(todo) // threads)))
-    chunks = [todo[k:k + size] for k in range(0, len(todo), size)]
+                  for pair in others for i in pair), default=1)
+    # Pairs in chunks of up to 64 (and 64 MiB of cross moments), so the decompositions of a
+    # chunk are stacked calls (canonical_pairs, nuclear_norms); as many chunks as a multiple
+    # of the threads, of equal sizes, so no thread finishes long after the others.
+    largest = max(1, min(64, (64 << 20) // (8 * widest * widest)))
+    pieces = -(-len(others) // largest)
+    pieces = max(1, -(-pieces // threads) * threads)
+    size = max(1, -(-len(others) // pieces))
+    chunks = [others[k:k + size] for k in range(0, len(others), size)]
     if threads > 1:
         # Many small LAPACK calls: one BLAS thread each, `threads` of them at once, beats one
         # call at a time with threaded BLAS (numpy releases the GIL for stacks and for
@@ -148,8 +153,10 @@ def similarity_matrices(
         caches.update(prepared)
         values = [v for chunk in chunks for v in compare_chunk(chunk)]
 
+    selves = [i for i, j in todo if i == j]
+    values += [self_pair(caches[i], metrics) for i in selves]
     out = {k: np.full((count, count), np.nan) for k in metrics}
-    for (i, j), pair in zip(todo, values, strict=True):
+    for (i, j), pair in zip(others + [(i, i) for i in selves], values, strict=True):
         for k, (xy, yx) in pair.items():
             out[k][i, j] = xy
             out[k][j, i] = yx

@@ -174,12 +174,13 @@ def _shift_fourth(
     return s, p, q, ta, tb
 
 
-def merge(x: CrossMoments, y: CrossMoments) -> CrossMoments:
+def merge(x: CrossMoments, y: CrossMoments, *, overwrite_x: bool = False) -> CrossMoments:
     """Moments of the union of the rows of ``x`` and ``y`` (Chan, Golub & LeVeque 1979).
 
     ``n = nx + ny``, ``delta = mean_y - mean_x``, ``mean = mean_x + delta ny / n`` and
     ``C = Cx + Cy + (nx ny / n) delta_a delta_b^T``. The fourth-order terms of each part are
     re-centered on the merged means and added. Exact and associative up to rounding; O(d_a d_b).
+    ``overwrite_x``: C is built in x's array (x is then spent), else in one new array.
     """
     if (x.widths_a, x.widths_b, x.diagonal, x.fourth) != (
         y.widths_a, y.widths_b, y.diagonal, y.fourth
@@ -198,27 +199,49 @@ def merge(x: CrossMoments, y: CrossMoments) -> CrossMoments:
     delta_b = y.mean_b - x.mean_b
     mean_a = x.mean_a + delta_a * (y.n / n)
     mean_b = mean_a if x.diagonal else x.mean_b + delta_b * (y.n / n)
-    c = x.c + y.c + (x.n * y.n / n) * np.outer(delta_a, delta_b)
+    if x.fourth:  # before x.c may be overwritten: the shifts read it
+        # Shift of each part's mean relative to the merged mean: d = mean_part - mean.
+        fx = _shift_fourth(x, x.mean_a - mean_a, x.mean_b - mean_b)
+        fy = _shift_fourth(y, y.mean_a - mean_a, y.mean_b - mean_b)
+    c = np.add(x.c, y.c, out=x.c if overwrite_x else None)
+    _add_outer(c, x.n * y.n / n, delta_a, delta_b)
     if not x.fourth:
         return CrossMoments(n, mean_a, mean_b, c, x.widths_a, x.widths_b, diagonal=x.diagonal)
-    # Shift of each part's mean relative to the merged mean: d = mean_part - mean.
-    fx = _shift_fourth(x, x.mean_a - mean_a, x.mean_b - mean_b)
-    fy = _shift_fourth(y, y.mean_a - mean_a, y.mean_b - mean_b)
     s, p, q, ta, tb = (u + v for u, v in zip(fx, fy, strict=True))
     return CrossMoments(n, mean_a, mean_b, c, x.widths_a, x.widths_b, s, p, q, ta, tb,
                         x.diagonal)
 
 
+# Columns per step of the in-place outer product: a temporary of d_a x 256, not d_a x d_b
+# (fresh memory costs more than the arithmetic on it: docs/performance.md).
+_OUTER_STEP = 256
+
+
+def _add_outer(c: np.ndarray, k: float, u: np.ndarray, v: np.ndarray) -> None:
+    """``c += k u v^T`` in place, a block of columns at a time."""
+    for j in range(0, c.shape[1], _OUTER_STEP):
+        cols = slice(j, j + _OUTER_STEP)
+        c[:, cols] += np.outer(k * u, v[cols])
+
+
 def merge_all(parts: Sequence[CrossMoments]) -> CrossMoments:
-    """Merge many partial moments in a balanced pairwise tree (log depth, stable)."""
+    """Merge many partial moments in a balanced pairwise tree (log depth, stable). The parts
+    are left as they were; the merges above the first level reuse the first level's arrays."""
     parts = list(parts)
     if not parts:
         raise InputError("merge_all needs at least one partial moments object")
+    mine = [False] * len(parts)  # whether a part is this function's own (overwritable) result
     while len(parts) > 1:
-        merged = [merge(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        merged, flags = [], []
+        for i in range(0, len(parts) - 1, 2):
+            x, y = parts[i], parts[i + 1]
+            m = merge(x, y, overwrite_x=mine[i])
+            merged.append(m)
+            flags.append(m is not y and (m is not x or mine[i]))
         if len(parts) % 2:
             merged.append(parts[-1])
-        parts = merged
+            flags.append(mine[-1])
+        parts, mine = merged, flags
     return parts[0]
 
 

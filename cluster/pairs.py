@@ -24,6 +24,7 @@ __all__ = [
     "nuclear_norms",
     "canonical_pairs",
     "compare_pair",
+    "self_pair",
 ]
 
 def linear_cka(cxy: np.ndarray, cx: UnitCache, cy: UnitCache) -> float:
@@ -140,6 +141,21 @@ def canonical_pairs(blocks: Sequence[np.ndarray], vectors: bool,
         u, v = (side, other) if m.shape[0] <= m.shape[1] else (other, side)
         out.append((rho, u, v))
     return out
+
+
+def self_pair(c: UnitCache, metrics: Iterable[str]) -> dict[str, tuple[float, float]]:
+    """A unit against itself, from the definitions (no decomposition): ``{metric: (v, v)}``.
+
+    CKA (plain and debiased) is 1 and Procrustes 0 (Cxx is positive semi-definite, so its
+    nuclear norm is its trace). In the whitened basis of the r kept directions the cross
+    moments are ``basis^T Cxx basis = I_r``: r canonical correlations of 1, so mean CCA and
+    mean squared CCA are r / p under the published convention, PWCCA and SVCCA are 1.
+    What computing them would add is rounding noise, and a decomposition per unit.
+    """
+    r = c.rank if c.rank is not None else c.dim
+    closed = {"linear_cka": 1.0, "linear_cka_debiased": 1.0, "procrustes": 0.0,
+              "mean_cca": r / c.dim, "mean_sq_cca": r / c.dim, "pwcca": 1.0, "svcca": 1.0}
+    return {k: (closed[k], closed[k]) for k in check_metrics(metrics)}
 
 
 def compare_pair(

@@ -197,9 +197,18 @@ def _accumulate_checkpointed(store, task: TileTask, checkpoints: Checkpoints) ->
     return total
 
 
+# The first block's read overlaps nothing, every later one the product before it: so the
+# first block is small, and just large enough that its product (which has a fixed cost of one
+# pass over the tile's accumulator) lasts as long as the next full block's read.
+FIRST_BLOCK_ROWS = 2048
+
+
 def _blocks(task: TileTask) -> Iterator[tuple[int, int]]:
-    for start in range(task.start, task.stop, task.block_rows):
-        yield start, min(start + task.block_rows, task.stop)
+    first = min(task.block_rows, FIRST_BLOCK_ROWS)
+    starts = [task.start, *range(task.start + first, task.stop, task.block_rows)]
+    for start, stop in zip(starts, [*starts[1:], task.stop], strict=True):
+        if start < stop:
+            yield start, stop
 
 
 def _accumulate(

@@ -28,6 +28,7 @@ import numpy as np
 
 from repscope.cluster.execute import LocalExecutor, RayExecutor
 from repscope.cluster.moments import UnitMoments, merge_all
+from repscope.cluster.pages import on_plain_pages
 from repscope.cluster.rank import RANK_RULE, AmbiguousRankError
 from repscope.cluster.registry import METRICS, SHAPE_METRICS, metric_attributes
 from repscope.cluster.tasks import Checkpoints
@@ -461,6 +462,9 @@ def _check_finite(stats: Statistics) -> None:
             )
 
 
+# The driver's memory (plans, merges, finishing) without numpy's huge-page advice where it
+# stalls page faults (cluster/pages.py); workers' tasks get the same in cluster/execute.py.
+@on_plain_pages
 def execute_job(
     spec: JobSpec,
     *,

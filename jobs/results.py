@@ -169,18 +169,22 @@ def _reading_errors(url: str, storage_options: dict | None) -> Iterator[None]:
                              f"storage options ({detail})") from None
 
 
-def _read_once(url: str, storage_options: dict | None):
+def _located(url: str, storage_options: dict | None):
+    """(filesystem, where the complete result is, local path or None, committing)."""
     import fsspec
 
     path = local_path(url)
     if path is not None:
-        fs, where = fsspec.filesystem("file"), os.path.realpath(path)
-        committing = False
-    else:
-        fs, root = _fs_path(url, storage_options)
-        committing = fs.exists(_marker(url, storage_options)[1])
-        # an object store mid-commit: its staged copy is the complete new result
-        where = _fs_path(_staging(url), storage_options)[1] if committing else root
+        return fsspec.filesystem("file"), os.path.realpath(path), path, False
+    fs, root = _fs_path(url, storage_options)
+    committing = fs.exists(_marker(url, storage_options)[1])
+    # an object store mid-commit: its staged copy is the complete new result
+    where = _fs_path(_staging(url), storage_options)[1] if committing else root
+    return fs, where, None, committing
+
+
+def _read_once(url: str, storage_options: dict | None):
+    fs, where, path, committing = _located(url, storage_options)
     attrs = read_root_attrs(fs, where)
     if attrs is None:
         if path is not None and _swapping(Path(os.path.abspath(path))):
@@ -255,12 +259,19 @@ def _swapping(path: Path) -> bool:
 
 
 def existing_identity(url: str, storage_options: dict | None = None) -> str | None:
-    """The spec identity recorded in an existing results store, or None if there is none."""
-    try:
-        ds = open_results(url, storage_options)
-    except NotFoundError:
-        return None
-    return ds.attrs.get("spec_identity", "")
+    """The spec identity recorded in an existing results store, or None if there is none.
+    Read from the store's root attributes (no xarray: a job's first second); a result between
+    the two renames of its replacement is read whole (open_results) instead."""
+    with _reading_errors(url, storage_options):
+        fs, where, _, _ = _located(url, storage_options)
+        attrs = read_root_attrs(fs, where)
+    if attrs is None:
+        try:
+            attrs = open_results(url, storage_options).attrs
+        except NotFoundError:
+            return None
+    _check_results(url, attrs)
+    return attrs.get("spec_identity", "")
 
 
 def check_output(url: str, identity: str, storage_options: dict | None, overwrite: bool) -> None:

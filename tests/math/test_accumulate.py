@@ -171,3 +171,20 @@ def test_sums_beyond_float64_are_refused_naming_the_row():
     z[11, 1] = np.inf
     with pytest.raises(InputError, match=r"NaN or Inf values in columns \[1\].*row 11"):
         shift_block(z, np.float64)
+
+
+def test_a_task_starts_with_a_small_block_then_full_ones():
+    """The first block's read overlaps nothing, so it is small; the blocks tile the rows."""
+    from repscope.cluster.tasks import FIRST_BLOCK_ROWS, TileTask, _blocks
+
+    for start, stop, block in [(0, 30_000, 16_384), (100, 1_100, 16_384), (5, 9_000, 1_000),
+                               (0, 0, 4_096), (0, FIRST_BLOCK_ROWS, 8_192)]:
+        task = TileTask((), (4,), None, None, start, stop, block, False, "float32")
+        blocks = list(_blocks(task))
+        assert [b[0] for b in blocks[1:]] == [b[1] for b in blocks[:-1]]  # contiguous
+        if stop > start:
+            assert blocks[0][0] == start and blocks[-1][1] == stop
+            assert blocks[0][1] - blocks[0][0] == min(block, FIRST_BLOCK_ROWS, stop - start)
+            assert all(b - a == block for a, b in blocks[1:-1])
+        else:
+            assert blocks == []

@@ -463,3 +463,32 @@ def test_similarity_matrices_in_chunks_on_threads_equal_pair_by_pair():
             for m in metrics:
                 assert serial[m][i, j] == pytest.approx(want[m][0], abs=1e-13)
                 assert threaded[m][j, i] == pytest.approx(want[m][1], abs=1e-13)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_a_unit_against_itself_equals_the_computed_pair(precision):
+    """The diagonal comes from the definitions (pairs.self_pair); computing the pair (x, x)
+    instead gives the same values to rounding, full rank or not (r/p for the CCA means)."""
+    rng = np.random.default_rng(7)
+    full = rng.standard_normal((300, 12)) + 0.5 * rng.standard_normal((300, 1))
+    low = rng.standard_normal((300, 4)) @ rng.standard_normal((4, 10))  # rank 4 of 10
+    dead = np.hstack([rng.standard_normal((300, 6)), np.zeros((300, 3))])  # rank 6 of 9
+    widths = (12, 10, 9)
+    z = np.hstack([full, low, dead]).astype(np.float32)
+    gemm = np.float32 if precision == "float32" else np.float64
+    tile = block_moments(z, widths_a=widths, gemm_dtype=gemm)
+    units = [unit_moments(tile, u) for u in range(3)]
+    metrics = ["linear_cka", "mean_cca", "mean_sq_cca", "pwcca", "svcca", "procrustes"]
+    got = similarity_matrices(units, lambda i, j: pair_moments(tile, i, j), metrics,
+                              precision=precision)
+    for u, rank in enumerate((12, 4, 6)):
+        cache = prepare_unit(units[u], metrics, precision=precision)
+        assert cache.rank == rank
+        computed = compare_pair(cache, cache, pair_moments(tile, u, u), metrics)
+        for m in metrics:
+            # measured: 2.6e-7 apart in float32 (Procrustes of the rank-4 unit: the computed
+            # nuclear norm sums the square roots of its noise eigenvalues), 2e-15 otherwise
+            tol = 1e-6 if precision == "float32" else 1e-12
+            assert got[m][u, u] == pytest.approx(computed[m][0], abs=tol), (m, u)
+        assert got["mean_cca"][u, u] == rank / widths[u]
+        assert got["procrustes"][u, u] == 0.0

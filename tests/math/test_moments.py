@@ -145,3 +145,21 @@ def test_unit_moments_need_a_diagonal_tile():
         unit_moments(off, 0)
     with pytest.raises(InputError, match="out of range"):
         pair_moments(off, 0, 1)
+
+
+def test_merge_all_leaves_its_parts_as_they_were():
+    """Merges above the first level reuse the first level's arrays, never a caller's part
+    (a part may be a read-only array in Ray's object store)."""
+    rng = np.random.default_rng(11)
+    blocks = [rng.standard_normal((n, 6)) + k for k, n in enumerate((5, 7, 1, 9, 4))]
+    parts = [block_moments(b, widths_a=(2, 4)) for b in blocks]
+    for p in parts:
+        p.c.flags.writeable = False
+    before = [p.c.copy() for p in parts]
+    merged = merge_all(parts)
+    for p, b in zip(parts, before, strict=True):
+        np.testing.assert_array_equal(p.c, b)
+    whole = block_moments(np.vstack(blocks), widths_a=(2, 4))
+    assert merged.n == whole.n == 26
+    np.testing.assert_allclose(merged.c, whole.c, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(merge_all(parts).c, merged.c)
