@@ -69,7 +69,7 @@ def bench_s1(cache: str, outdir: str, quick: bool) -> dict:
             "finish_ms_per_pair": 1e3 * summary.finish_seconds / summary.pairs_computed,
             "naive_seconds": per_pair * w.pairs, "naive_pairs_timed": timed,
             "speedup_vs_naive": per_pair * w.pairs / seconds,
-            "max_abs_diff_vs_naive": diff, "peak_pss_gib": peak.peak_pss / 2**30}
+            "max_abs_diff_vs_naive": diff, "peak_rss_gib": peak.peak / 2**30}
 
 
 def bench_s2(cache: str, outdir: str, quick: bool) -> dict:
@@ -88,7 +88,7 @@ def bench_s2(cache: str, outdir: str, quick: bool) -> dict:
             "feature_lower_bound_seconds": bound, "times_under_feature_bound": bound / seconds,
             "gram_efficiency": summary.gemm_flops / gemm_rate(w.width, min(w.rows, 8192))
             / summary.accumulate_seconds,
-            "peak_pss_gib": peak.peak_pss / 2**30}
+            "peak_rss_gib": peak.peak / 2**30}
 
 
 def bench_m(cache: str, outdir: str, quick: bool) -> dict:
@@ -100,7 +100,8 @@ def bench_m(cache: str, outdir: str, quick: bool) -> dict:
     for factor in (1, 4):
         w = replace(base, rows=base.rows * factor)
         url = build_store(w, cache)
-        summary, plan, _, _, seconds, peak = run_ours(url, w, f"{outdir}/results/M{factor}.zarr")
+        summary, plan, _, _, seconds, peak = run_ours(url, w, f"{outdir}/results/M{factor}.zarr",
+                                                      pss=True)
         accumulators = sum(8 * sum(plan.widths(a)) * sum(plan.widths(b)) for a, b in plan.tiles)
         peaks.append(peak.peak_pss)
         out[f"rows_{w.rows}"] = {"seconds": seconds, "peak_pss_gib": peak.peak_pss / 2**30,

@@ -146,6 +146,10 @@ def blas_threads(threads: int | None):
     """A context limiting (or raising) the BLAS threads of this process; no-op for None."""
     if not threads:
         return nullcontext()
+    # threadpoolctl limits the BLAS libraries loaded when the limit is set: load scipy's (the
+    # accumulation's products, cluster/blas.py) first, or a new process's first task runs
+    # them on every core whatever its limit.
+    from scipy.linalg import cython_blas  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=threads, user_api="blas")

@@ -84,3 +84,25 @@ def test_other_threads_run_during_a_product():
         thread.join()
     # Holding the GIL, the spinner would get at most a switch interval per call.
     assert spins > 0.2 * rate * seconds
+
+
+def test_a_task_limit_holds_for_the_products_in_a_new_process():
+    """threadpoolctl limits only the BLAS libraries already loaded: blas_threads loads
+    scipy's (the products' library) before it limits, so a new process's first task obeys."""
+    import subprocess
+    import sys
+
+    code = (
+        "from repscope.cluster.tasks import blas_threads\n"
+        "from threadpoolctl import threadpool_info\n"
+        "with blas_threads(1):\n"
+        "    from repscope.cluster.blas import syrk_upper\n"
+        "    import numpy as np\n"
+        "    z = np.ones((64, 8), np.float32); c = np.zeros((8, 8), np.float32, order='F')\n"
+        "    syrk_upper(z, c)\n"
+        "    print(sorted({i['num_threads'] for i in threadpool_info()\n"
+        "                  if i['user_api'] == 'blas'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "2"})
+    assert out.stdout.strip() == "[1]"
