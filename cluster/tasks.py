@@ -161,7 +161,8 @@ class Checkpoints:
 
     state: any object with put_partial(key, moments) and get_partial(key)
     (:class:`repscope.jobs.state.StateStore`). A task saves the moments of the rows it has
-    done at least every ``seconds`` and, if its ``save_result``, when it finishes; a task that
+    done at least every ``seconds`` and, if its ``save_result`` and it ran that long, when it
+    finishes (a crash loses at most ``seconds`` of a task's work either way); a task that
     finds a saved partial continues after its rows (the partial's n), so a rerun after a crash
     or a retried task recomputes only the rest.
     """
@@ -184,7 +185,7 @@ def _accumulate_checkpointed(store, task: TileTask, checkpoints: Checkpoints) ->
     if saved is not None and saved.n >= task.rows:
         return saved
     done = 0 if saved is None else saved.n
-    last = time.monotonic()
+    started = last = time.monotonic()
 
     def with_saved(moments: CrossMoments) -> CrossMoments:
         return moments if saved is None else merge(saved, moments)
@@ -196,7 +197,10 @@ def _accumulate_checkpointed(store, task: TileTask, checkpoints: Checkpoints) ->
             last = time.monotonic()
 
     total = with_saved(_accumulate(store, replace(task, start=task.start + done), on_block))
-    if task.save_result:
+    # Saved only after at least `seconds` of work: checkpoints promise that a crash loses at
+    # most that much of a task, and a shorter task costs less to recompute than to write
+    # (a 6,144-wide tile's moments are 302 MB: seconds of writing, docs/performance.md).
+    if task.save_result and time.monotonic() - started >= checkpoints.seconds:
         checkpoints.state.put_partial(key, total)
     return total
 

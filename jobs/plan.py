@@ -386,14 +386,16 @@ def make_plan(spec: JobSpec, sel: Selection, res: Resources, *,
     # CPUs. On one machine that is one task per tile with all its cores, tiles one after
     # another: one accumulator in memory, no idle worker at the end (docs/performance.md).
     # On several nodes, tiles are split into row ranges (partials merged exactly) until
-    # every node's CPUs have tasks, twice over for balance, while the partials together fit a
-    # quarter of the cluster's task memory (at least _PARTIAL_BYTES): whatever the rows, the
-    # job's memory is bounded (flat in rows). Many tiles: one single-threaded task per tile.
+    # every node's CPUs have a task, once (each further partial is a whole tile's moments to
+    # return, move and merge: 302 MB at 6,144 columns, docs/performance.md), while the
+    # partials together fit a quarter of the cluster's task memory (at least _PARTIAL_BYTES):
+    # whatever the rows, the job's memory is bounded (flat in rows). Many tiles: one
+    # single-threaded task per tile.
     tile_bytes = max(tile_sizes)
     if len(tiles) < 2 * workers:
         threads = min(workers, res.node_cpus, _MAX_TASK_THREADS)
         slots = math.ceil(workers / threads)  # tasks the cluster runs at once
-        splits = 1 if slots == 1 else max(1, math.ceil(2 * slots / len(tiles)))
+        splits = 1 if slots == 1 else max(1, math.ceil(slots / len(tiles)))
         splits = max(1, min(splits, n // min(block_rows, _MIN_BLOCK_ROWS)))
         budget = max(_PARTIAL_BYTES, workers * memory // 4)
         while splits > 1 and splits * len(tiles) * tile_bytes > budget:

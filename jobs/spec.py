@@ -101,7 +101,8 @@ class Compute:
     block_rows: rows multiplied per GEMM inside a task (None = derive from widths).
     svcca_threshold: fraction of variance SVCCA keeps per side.
     checkpoint_seconds: how often a task saves its progress beside the output, so that a
-    rerun after a crash resumes (0 turns checkpoints off).
+    rerun after a crash resumes, losing at most this much of each task's work (a task that
+    finishes sooner saves nothing; 0 turns checkpoints off).
     bootstrap: replicates of a row-shard bootstrap that adds 90% confidence bounds to every
     matrix entry (0: none); bootstrap_shards: the row shards it resamples.
     space: "feature" (d x d moments per unit pair, cost n d^2), "sample" (n x n Gram per

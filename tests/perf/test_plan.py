@@ -118,13 +118,13 @@ def test_finished_task_moments_are_saved_only_when_they_wait():
 
 def test_row_ranges_give_every_node_a_task():
     """One machine: one task with all its CPUs. Nodes of 1 CPU: the one tile is split into
-    row ranges, twice as many as CPUs, whatever the tile's size (up to a quarter of the
-    cluster's task memory); blocks never exceed a quarter of a worker's memory."""
+    row ranges, one per CPU, whatever the tile's size (up to a quarter of the cluster's task
+    memory); blocks never exceed a quarter of a worker's memory."""
     store = _MetaStore(2, 6, 512, 30_000)
     one = plan_for(_spec(["linear_cka"]), store, workers=2)
     assert (len(one.tiles), len(one.row_ranges), one.threads) == (1, 1, 2)
     eight = plan_for(_spec(["linear_cka"]), store, workers=8, node_cpus=1)
-    assert len(eight.row_ranges) >= 8 and eight.threads == 1
+    assert len(eight.row_ranges) == 8 and eight.threads == 1
     assert len(eight.row_ranges) * 8 * 6144**2 <= 8 * eight.memory_per_worker // 4
     assert one.block_rows == 8192 and one.tile_block_rows(0, 0) == 16384
     tight = plan_for(_spec(["linear_cka"], memory_per_worker="64MiB"), store, workers=2)

@@ -64,3 +64,17 @@ def test_progress_is_saved_while_the_task_runs(setup):
     accumulate_tile(store, task, Checkpoints(state, seconds=0.0))
     # after every block but the last, then the final partial
     assert saved_rows == [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]
+
+
+def test_a_task_shorter_than_the_interval_saves_nothing(setup):
+    """A finished row-range task keeps its moments only after `seconds` of work: a crash
+    loses at most that much either way, and a short task is cheaper to recompute."""
+    store, state = setup
+    task = TileTask(units_a=(UnitRef("a", "layer1"),), widths_a=(5,), units_b=None,
+                    widths_b=None, start=0, stop=1000, block_rows=128, fourth=False,
+                    precision="float64", checkpoint_key="short")
+    assert task.save_result
+    accumulate_tile(store, task, Checkpoints(state, seconds=3600.0))
+    assert state.get_partial("short") is None
+    accumulate_tile(store, task, Checkpoints(state, seconds=0.0))
+    assert state.get_partial("short").n == 1000
