@@ -385,17 +385,15 @@ def make_plan(spec: JobSpec, sel: Selection, res: Resources, *,
     # Few tiles (fewer than two per worker): tasks of several BLAS threads, up to one node's
     # CPUs. On one machine that is one task per tile with all its cores, tiles one after
     # another: one accumulator in memory, no idle worker at the end (docs/performance.md).
-    # On several nodes, tiles are split into row ranges (partials merged exactly) until
-    # every node's CPUs have a task, once (each further partial is a whole tile's moments to
-    # return, move and merge: 302 MB at 6,144 columns, docs/performance.md), while the
-    # partials together fit a quarter of the cluster's task memory (at least _PARTIAL_BYTES):
-    # whatever the rows, the job's memory is bounded (flat in rows). Many tiles: one
-    # single-threaded task per tile.
+    # On several nodes, tiles are split into row ranges (partials merged exactly) so that
+    # every node's CPUs stay busy to the end (_row_splits), while the partials together fit a
+    # quarter of the cluster's task memory (at least _PARTIAL_BYTES): whatever the rows, the
+    # job's memory is bounded (flat in rows). Many tiles: one single-threaded task per tile.
     tile_bytes = max(tile_sizes)
     if len(tiles) < 2 * workers:
         threads = min(workers, res.node_cpus, _MAX_TASK_THREADS)
         slots = math.ceil(workers / threads)  # tasks the cluster runs at once
-        splits = 1 if slots == 1 else max(1, math.ceil(slots / len(tiles)))
+        splits = _row_splits(len(tiles), slots)
         splits = max(1, min(splits, n // min(block_rows, _MIN_BLOCK_ROWS)))
         budget = max(_PARTIAL_BYTES, workers * memory // 4)
         while splits > 1 and splits * len(tiles) * tile_bytes > budget:
@@ -439,6 +437,16 @@ def make_plan(spec: JobSpec, sel: Selection, res: Resources, *,
         block_rows_fixed=bool(spec.compute.block_rows),
         driver_cpus=res.driver_cpus,
     )
+
+
+def _row_splits(tiles: int, slots: int) -> int:
+    """Row ranges per tile for ``tiles`` tiles of equal work on ``slots`` task slots: the
+    fewest that give the shortest run, ``ceil(s tiles / slots) / s`` tile-times for s ranges
+    (1 tile on 2 slots: 2; 3 tiles on 2 slots: 2, as 2 waves of 1.5 tiles beat 1 wave of 2).
+    Each further range is a whole tile's moments to return, move and merge (302 MB at 6,144
+    columns: seconds on the machine of docs/performance.md), so no more than that."""
+    candidates = range(1, 2 * math.ceil(slots / tiles) + 1)
+    return min(candidates, key=lambda s: (math.ceil(s * tiles / slots) / s, s))
 
 
 def _block_rows(wanted: int, memory_per_worker: int, width: int) -> int:

@@ -132,3 +132,15 @@ def test_row_ranges_give_every_node_a_task():
         rows = tight.tile_block_rows(a, b)
         width = sum(tight.widths(a)) + (0 if a == b else sum(tight.widths(b)))
         assert 2 * rows * 4 * width <= (64 << 20) // 4 or rows == 1024
+
+
+def test_row_splits_are_the_fewest_that_keep_every_cpu_busy():
+    """Each further row range costs a whole tile's moments to move and merge: the planner
+    takes the fewest ranges with the shortest run of equal tiles on the task slots."""
+    from repscope.jobs.plan import _row_splits
+
+    assert _row_splits(1, 1) == 1
+    assert _row_splits(1, 2) == 2 and _row_splits(1, 8) == 8
+    assert _row_splits(3, 2) == 2  # 6 tasks in 3 full waves beat 3 tasks in 2 (one half idle)
+    assert _row_splits(2, 8) == 4
+    assert _row_splits(15, 8) == 1  # 2 waves whatever the split
