@@ -21,12 +21,12 @@ __all__ = [
 
 
 def zeros(shape, dtype=np.float64, order: str = "C") -> np.ndarray:
-    """``np.zeros`` for large accumulators: ``np.empty``, then filled.
+    """``np.zeros`` for large accumulators, its pages touched now: ``np.empty``, then filled.
 
-    numpy asks Linux for transparent huge pages only for memory it allocates uninitialised;
-    ``np.zeros`` uses calloc and gets 4 KiB pages, whose first-touch faults are slow in a VM:
-    writing a fresh 1.9 GB np.zeros array took 1.8 s here, an np.empty one 0.23 s. For the
-    1.9 GB accumulator of a 15,360-wide tile that was 4 s of a 10 s block.
+    ``np.zeros`` maps zero pages lazily, so their page faults would come in the first
+    product; a task builds its accumulator while its first block is read
+    (:mod:`repscope.cluster.tasks`), and fresh pages cost more than the arithmetic on them
+    on some machines (docs/performance.md).
     """
     out = np.empty(shape, dtype=dtype, order=order)
     out.fill(0)
