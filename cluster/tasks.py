@@ -86,31 +86,38 @@ class TileTask:
 
 
 def read_group(store, units: tuple[UnitRef, ...], start: int, stop: int,
-               out: Callable[[tuple[int, int], np.dtype], np.ndarray] | None = None
-               ) -> np.ndarray:
+               out: _Slot | None = None) -> np.ndarray:
     """Rows [start, stop) of several units side by side: ndarray (stop - start, sum widths).
 
-    ``out``, when given, is a :class:`Buffers` slot: each unit is read into memory reused
-    from the previous block, and several units are assembled into the slot's array. Memory
-    touched for the first time can cost more than the read itself (page faults of a VM:
-    docs/performance.md)."""
+    ``out``, when given, is a :class:`Buffers` slot: the group is assembled in memory reused
+    from the previous block, each unit read into one scratch array and copied into its
+    columns at once. Memory touched for the first time can cost more than the read itself
+    (page faults of a VM: docs/performance.md)."""
+    infos = [store.unit_info(u.model, u.layer, version=u.version) for u in units]
+    shape = (stop - start, sum(i.features for i in infos))
+    dtype = np.result_type(*[i.dtype for i in infos])
     if len(units) == 1:  # read straight into the slot
         u = units[0]
         return store.read(u.model, u.layer, start, stop, version=u.version,
-                          out=None if out is None else out.unit(None, u, store, stop - start))
-    parts = [store.read(u.model, u.layer, start, stop, version=u.version,
-                        out=None if out is None else out.unit(k, u, store, stop - start))
-             for k, u in enumerate(units)]
-    shape = (stop - start, sum(p.shape[1] for p in parts))
-    dtype = np.result_type(*parts)
-    return np.concatenate(parts, axis=1, out=None if out is None else out.group(shape, dtype))
+                          out=None if out is None else out.group(shape, dtype))
+    if out is None:
+        return np.concatenate([store.read(u.model, u.layer, start, stop, version=u.version)
+                               for u in units], axis=1)
+    group = out.group(shape, dtype)
+    column = 0
+    for u, info in zip(units, infos, strict=True):
+        part = store.read(u.model, u.layer, start, stop, version=u.version,
+                          out=out.scratch((stop - start, info.features), info.dtype))
+        group[:, column:column + info.features] = part
+        column += info.features
+    return group
 
 
 class Buffers:
     """Arrays a task reuses from block to block: per slot, the group's rows (the reader
-    fills one slot while the product reads the other); for groups of several units, the
-    rows of each unit as read (one set, shared by the slots: only the reader thread uses
-    them, and copies them into the slot at once)."""
+    fills one slot while the product reads the other); for groups of several units, one
+    scratch array for a unit's rows as read (only the reader thread uses it, and copies each
+    unit into the slot at once)."""
 
     def __init__(self) -> None:
         self.arrays: dict = {}
@@ -131,15 +138,14 @@ class _Slot:
     buffers: Buffers
     key: object
 
-    def unit(self, k: int | None, unit: UnitRef, store, rows: int) -> np.ndarray:
-        """Where to read unit ``k`` of a group: scratch shared by the slots (copied into the
-        group at once), or with ``k`` None (a group of one unit) the slot's own array."""
-        info = store.unit_info(unit.model, unit.layer, version=unit.version)
-        key = ("group", self.key) if k is None else ("unit", k)
-        return self.buffers._get(key, (rows, info.features), info.dtype)
-
     def group(self, shape: tuple[int, int], dtype) -> np.ndarray:
+        """The slot's rows of the group."""
         return self.buffers._get(("group", self.key), shape, dtype)
+
+    def scratch(self, shape: tuple[int, int], dtype) -> np.ndarray:
+        """Where one unit of a group is read before its copy into the group: shared by the
+        slots (only the reader thread uses it)."""
+        return self.buffers._get(("scratch", np.dtype(dtype).str), shape, dtype)
 
 
 def blas_threads(threads: int | None):

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from repscope.errors import InputError
-from repscope.jobs.pipeline import execute_job, to_dataset
+from repscope.jobs.pipeline import execute_job, to_results
 from repscope.jobs.results import open_results as _open_results
 from repscope.jobs.spec import spec_from_dict
 
@@ -111,7 +111,9 @@ def compare(
                            write=output is not None, log=log)
     if output is not None:
         return open_results(output, storage_options)
-    return to_dataset(spec, stats)
+    import xarray as xr
+
+    return xr.Dataset.from_dict(to_results(spec, stats))
 
 
 def open_results(url: str, storage_options: dict | None = None):

@@ -107,10 +107,11 @@ def fill_reused(stats, previous: Previous) -> None:
             stats.bounds[m][1][reuse] = upper[reuse]
 
 
-def snapshot(ds, spec: JobSpec, state: StateStore) -> str:
-    """Keep a dated copy of a nightly result in the state's history; returns its stamp."""
+def snapshot(results: dict, spec: JobSpec, state: StateStore) -> str:
+    """Keep a dated copy of a nightly result (jobs.results.build_results' dict) in the
+    state's history; returns its stamp."""
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S.%fZ")
-    to_zarr(ds, state.history_url(stamp), spec.storage_options)
+    to_zarr(results, state.history_url(stamp), spec.storage_options)
     return stamp
 
 

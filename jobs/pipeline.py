@@ -46,7 +46,7 @@ from repscope.jobs.lock import output_lock
 from repscope.jobs.outputs import check_output_safe
 from repscope.jobs.plan import Plan, Selection, gram_tasks, make_plan, select, tile_tasks
 from repscope.jobs.progress import Progress
-from repscope.jobs.results import build_dataset, check_output, write_results
+from repscope.jobs.results import build_results, check_output, write_results
 from repscope.jobs.spec import JobSpec
 from repscope.jobs.state import StateStore, digest, state_url
 from repscope.store import ActivationStore, redact
@@ -553,15 +553,15 @@ def _execute(spec, store, sel, t0, *, address, overwrite, incremental, write, ke
     computed = stats.n_pairs if fresh else 0
     total = count * (count + 1) // 2
     if write:
-        ds = to_dataset(spec, stats, "nightly" if incremental else "run")
-        write_results(ds, spec.output, spec.storage_options)
+        results = to_results(spec, stats, "nightly" if incremental else "run")
+        write_results(results, spec.output, spec.storage_options)
         # The result is safe: checkpoints have done their work.
         partials, done_keys = stats.cleanup
         state.remove_partials(partials)
         for kind, done in done_keys.items():
             state.remove(kind, done)
         if incremental:
-            stamp = nightly.snapshot(ds, spec, state)
+            stamp = nightly.snapshot(results, spec, state)
             print(f"results: {redact(spec.output)} ({computed} pairs computed, "
                   f"{total - computed} reused; snapshot {stamp})", file=log)
         else:
@@ -589,8 +589,9 @@ def _execute(spec, store, sel, t0, *, address, overwrite, incremental, write, ke
     return summary, stats
 
 
-def to_dataset(spec: JobSpec, stats: Statistics, kind: str = "run"):
-    """The results Dataset of a job's statistics (jobs/results.py has the layout)."""
+def to_results(spec: JobSpec, stats: Statistics, kind: str = "run") -> dict:
+    """The results of a job's statistics, as jobs.results.build_results' dict
+    (jobs/results.py has the layout)."""
     sel = stats.selection
     attrs = {
         "spec": json.dumps(spec.to_dict(), sort_keys=True),
@@ -602,7 +603,7 @@ def to_dataset(spec: JobSpec, stats: Statistics, kind: str = "run"):
     }
     if stats.notes:  # how each kernel metric was computed, with its error bounds
         attrs["estimates"] = json.dumps(stats.notes, sort_keys=True)
-    ds = build_dataset(
+    results = build_results(
         stats.matrices,
         [(u.model, u.layer) for u in sel.units],
         {m: METRICS[m].direction for m in spec.metrics},
@@ -615,19 +616,20 @@ def to_dataset(spec: JobSpec, stats: Statistics, kind: str = "run"):
             "features": np.array([u.features for u in sel.units]),
         },
     )
+    variables = results["data_vars"]
     for m in spec.metrics:
-        ds[m].attrs.update(metric_attributes(m))
-    ds.attrs["rank_rule"] = RANK_RULE
-    ds.attrs["eig_floor"] = ("auto" if spec.compute.eig_floor is None
-                             else spec.compute.eig_floor)
-    ds.attrs["recomputed_float64"] = [sel.units[i].label for i in stats.recomputed]
+        variables[m]["attrs"].update(metric_attributes(m))
+    results["attrs"]["rank_rule"] = RANK_RULE
+    results["attrs"]["eig_floor"] = ("auto" if spec.compute.eig_floor is None
+                                     else spec.compute.eig_floor)
+    results["attrs"]["recomputed_float64"] = [sel.units[i].label for i in stats.recomputed]
     for m, note in stats.notes.items():
-        ds[m].attrs["estimate"] = json.dumps(note, sort_keys=True)
-        if f"{m}_lower" in ds:  # an approximation's error bars, not a bootstrap's bounds
+        variables[m]["attrs"]["estimate"] = json.dumps(note, sort_keys=True)
+        if f"{m}_lower" in variables:  # an approximation's error bars, not a bootstrap's
             for side in ("lower", "upper"):
-                ds[f"{m}_{side}"].attrs.update(method=note.get("error_bars", ""),
-                                               confidence_level=0.95)
-    return ds
+                variables[f"{m}_{side}"]["attrs"].update(method=note.get("error_bars", ""),
+                                                         confidence_level=0.95)
+    return results
 
 
 def spec_identity(spec: JobSpec) -> str:

@@ -32,8 +32,9 @@ from repscope.store.layout import format_bytes, natural_sorted
 _TILE_COPIES = 3
 # Rows per GEMM block of a tile. A block costs rows x d_a x d_b multiply-adds and one
 # d_a x d_b float64 addition into the accumulator, so the addition's share falls with the
-# rows whatever the width: 8,192 rows keep it at about 1% (docs/performance.md). A diagonal
-# tile's syrk does half the work per row, so it takes twice the rows. Blocks (and the one
+# rows whatever the width: 8,192 rows keep it at about 1% (docs/performance.md); a diagonal
+# tile's syrk and its addition both cover one triangle, so the same holds there. More rows
+# only cost memory touched for the first time, seconds per GB on a VM. Blocks (and the one
 # being read ahead) stay within a quarter of the memory per worker, at least 1,024 rows.
 _BLOCK_ROWS = 8192
 _MIN_BLOCK_ROWS = 1024
@@ -138,14 +139,13 @@ class Plan:
         return tuple(self.units[u].features for u in self.groups[group])
 
     def tile_block_rows(self, a: int, b: int) -> int:
-        """Rows per GEMM block of tile (a, b): twice ``block_rows`` for a diagonal tile (its
-        syrk does half the work per row), within a quarter of the memory per worker for the
-        block and the next one. A spec's block_rows applies to every tile as it is."""
+        """Rows per GEMM block of tile (a, b): ``block_rows``, fewer where the block and the
+        next one would take more than a quarter of the memory per worker. A spec's
+        block_rows applies to every tile as it is."""
         if self.block_rows_fixed:
             return self.block_rows
         width = sum(self.widths(a)) + (0 if a == b else sum(self.widths(b)))
-        wanted = self.block_rows * (2 if a == b else 1)
-        return _block_rows(wanted, self.memory_per_worker, width)
+        return _block_rows(self.block_rows, self.memory_per_worker, width)
 
     def gemm_flops(self) -> float:
         """Multiply-add flops (2 per MAC) of the accumulation: symmetric tiles counted half.

@@ -31,6 +31,7 @@ reader of the output during the copy may see a mixture (docs/jobs.md). The outpu
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import errno
 import json
@@ -70,7 +71,7 @@ def local_path(url: str) -> Path | None:
     return urls.local_path(url) if urls.scheme_of(url) == "file" else None
 
 
-def build_dataset(
+def build_results(
     matrices: dict[str, np.ndarray],
     units: Sequence[tuple[str, str]],
     directions: dict[str, str],
@@ -79,47 +80,59 @@ def build_dataset(
     bounds: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     level: float = 0.9,
     unit_coords: dict[str, np.ndarray] | None = None,
-):
-    """An xarray Dataset of (U, U) matrices with labelled unit axes.
+) -> dict:
+    """A result of (U, U) matrices with labelled unit axes, as a plain dict in the form of
+    xarray's ``Dataset.to_dict(data="array")`` (``to_zarr`` writes it without xarray, which
+    a job would otherwise spend a second importing; ``build_dataset`` makes it a Dataset).
 
     keys: optional content keys of the units (nightly runs), stored as coordinates
     ``key_x`` and ``key_y``. bounds: optional {metric: (lower, upper)} confidence bounds,
     stored as variables ``<metric>_lower`` and ``<metric>_upper``. unit_coords: optional
     per-unit values (U,), each stored as coordinates ``<name>_x`` and ``<name>_y`` (a job's
     ``rank`` and ``features``)."""
-    import xarray as xr
+
+    def variable(dims: tuple[str, ...], data: np.ndarray, attrs: dict | None = None) -> dict:
+        return {"dims": dims, "data": data, "attrs": attrs or {}}
 
     # Object arrays of str become Zarr v3's variable-length UTF-8 strings.
     models = np.array([m for m, _ in units], dtype=object)
     layers = np.array([layer for _, layer in units], dtype=object)
     data_vars = {
-        name: (("x", "y"), np.asarray(matrix, dtype=np.float64), {"direction": directions[name]})
+        name: variable(("x", "y"), np.asarray(matrix, dtype=np.float64),
+                       {"direction": directions[name]})
         for name, matrix in matrices.items()
     }
     for name, (lower, upper) in (bounds or {}).items():
         for side, values in (("lower", lower), ("upper", upper)):
-            data_vars[f"{name}_{side}"] = (
+            data_vars[f"{name}_{side}"] = variable(
                 ("x", "y"), np.asarray(values, dtype=np.float64),
                 {"bound_of": name, "confidence_level": level, "method": "row-shard bootstrap"},
             )
     coords = {
-        "model_x": ("x", models),
-        "layer_x": ("x", layers),
-        "model_y": ("y", models),
-        "layer_y": ("y", layers),
+        "model_x": variable(("x",), models),
+        "layer_x": variable(("x",), layers),
+        "model_y": variable(("y",), models),
+        "layer_y": variable(("y",), layers),
     }
     for name, values in (unit_coords or {}).items():
-        coords[f"{name}_x"] = ("x", np.asarray(values))
-        coords[f"{name}_y"] = ("y", np.asarray(values))
+        coords[f"{name}_x"] = variable(("x",), np.asarray(values))
+        coords[f"{name}_y"] = variable(("y",), np.asarray(values))
     if keys is not None:
-        coords["key_x"] = ("x", np.array(list(keys), dtype=object))
-        coords["key_y"] = ("y", np.array(list(keys), dtype=object))
+        coords["key_x"] = variable(("x",), np.array(list(keys), dtype=object))
+        coords["key_y"] = variable(("y",), np.array(list(keys), dtype=object))
     base = {
         "repscope_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "directions": json.dumps(directions),
     }
-    return xr.Dataset(data_vars, coords=coords, attrs={**base, **attrs})
+    return {"coords": coords, "data_vars": data_vars, "attrs": {**base, **attrs}}
+
+
+def build_dataset(*args, **kwargs):
+    """``build_results`` as an xarray Dataset (same arguments)."""
+    import xarray as xr
+
+    return xr.Dataset.from_dict(build_results(*args, **kwargs))
 
 
 def new_write_id() -> str:
@@ -287,16 +300,63 @@ def check_output(url: str, identity: str, storage_options: dict | None, overwrit
         )
 
 
-def to_zarr(ds, url: str, storage_options: dict | None) -> None:
-    """Write a Dataset as a consolidated Zarr v3 group (a new write id unless it has one)."""
-    if MARKER not in ds.attrs:
-        ds = ds.assign_attrs({MARKER: new_write_id()})
+# xarray's _FillValue attribute of float variables: base64 of a float64 NaN's bytes (for
+# float32 data too).
+_NAN_FILL = base64.b64encode(np.float64(np.nan).tobytes()).decode()
+
+
+def to_zarr(results, url: str, storage_options: dict | None) -> None:
+    """Write results (``build_results``' dict, or an xarray Dataset) as a consolidated Zarr
+    v3 group, laid out as xarray's ``Dataset.to_zarr`` lays it out but written with zarr
+    alone (writing imports neither xarray nor pandas nor dask: a second of a job's fixed
+    cost). A new write id unless the results have one."""
+    import zarr
+
+    results = _as_results(results)
+    coords, data_vars = results.get("coords", {}), results.get("data_vars", {})
+    attrs = {k: _json_safe(v) for k, v in results.get("attrs", {}).items()}
+    attrs.setdefault(MARKER, new_write_id())
+    # xarray's "coordinates" attributes: the non-dimension coordinates within a variable's
+    # dims; those within no data variable's are named in the group's.
+    others = sorted(name for name, c in coords.items() if name not in c["dims"])
+    spanned = {name: [c for c in others if set(coords[c]["dims"]) <= set(v["dims"])]
+               for name, v in data_vars.items()}
+    alone = [c for c in others if not any(c in names for names in spanned.values())]
+    if alone:
+        attrs.setdefault("coordinates", " ".join(alone))
     with warnings.catch_warnings():
         # Consolidated metadata lets xarray.open_zarr(output) open with one read; zarr warns
         # that it is not yet part of the v3 spec.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        ds.to_zarr(url, mode="w", zarr_format=3, consolidated=True,
-                   storage_options=storage_options or None)
+        group = zarr.open_group(url, mode="w", zarr_format=3, attributes=attrs,
+                                storage_options=storage_options or None)
+        for name, var in {**coords, **data_vars}.items():
+            data = np.asarray(var["data"])
+            var_attrs = {k: _json_safe(v) for k, v in var.get("attrs", {}).items()}
+            if spanned.get(name):
+                var_attrs["coordinates"] = " ".join(spanned[name])
+            floating = data.dtype.kind == "f"
+            if floating:
+                var_attrs["_FillValue"] = _NAN_FILL
+            array = group.create_array(
+                name, shape=data.shape, dimension_names=var["dims"],
+                # object (ours) or StringDType (xarray's reading) arrays of str
+                dtype=str if data.dtype.kind in "OT" else data.dtype,
+                fill_value=np.nan if floating else None, attributes=var_attrs)
+            array[...] = data
+        zarr.consolidate_metadata(group.store)
+
+
+def _as_results(results) -> dict:
+    """Results as ``build_results``' dict, from that dict or an xarray Dataset."""
+    return results if isinstance(results, dict) else results.to_dict(data="array")
+
+
+def _json_safe(value):
+    """An attribute value as xarray writes it: arrays as lists, numpy scalars as Python's."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _staging(url: str) -> str:
@@ -318,20 +378,27 @@ def roll_forward(url: str, storage_options: dict | None) -> None:
     """Finish an interrupted commit on an object store: the staged result is complete (the
     marker is written only after it), so copy it over the output, then drop the marker and
     the staging copy."""
-    import xarray as xr
-
     fs, marker = _marker(url, storage_options)
     if not fs.exists(marker):
         return
+    import xarray as xr  # only here: a commit that did not finish
+
     with xr.open_zarr(_staging(url), storage_options=storage_options or None,
                       zarr_format=3, chunks=None) as staged:
-        to_zarr(staged.load(), url, storage_options)  # keeps the staged write id
+        _commit(staged.load(), url, storage_options)  # keeps the staged write id
+
+
+def _commit(results, url: str, storage_options: dict | None) -> None:
+    """The journal's step (3): the staged result written over the output, then the marker
+    and the staging copy removed."""
+    to_zarr(results, url, storage_options)
+    fs, marker = _marker(url, storage_options)
     fs.rm(marker)
     staging_fs, staging = _fs_path(_staging(url), storage_options)
     staging_fs.rm(staging, recursive=True)
 
 
-def _write_object_store(ds, url: str, storage_options: dict | None) -> None:
+def _write_object_store(results: dict, url: str, storage_options: dict | None) -> None:
     """Object stores have no rename. A journal instead: (1) the complete result is written
     to `<output>.staging`, (2) `<output>.commit` marks it complete, (3) it is copied over the
     output and the marker removed. A crash after (2) is rolled forward by the next write, and
@@ -347,26 +414,28 @@ def _write_object_store(ds, url: str, storage_options: dict | None) -> None:
             raise InputError(f"{_shown(url)}.staging exists and is not repscope's staging "
                              "copy: move it away")
         fs.rm(staging, recursive=True)
-    to_zarr(ds, _staging(url), storage_options)
+    to_zarr(results, _staging(url), storage_options)
     fs, marker = _marker(url, storage_options)
     with fs.open(marker, "w") as f:
         f.write("committing")
-    roll_forward(url, storage_options)
+    _commit(results, url, storage_options)  # what is staged, without reading it back
 
 
-def write_results(ds, url: str, storage_options: dict | None = None) -> None:
-    """Write a results Dataset so that readers never see a partial result (module docs).
+def write_results(results, url: str, storage_options: dict | None = None) -> None:
+    """Write results (``build_results``' dict, or an xarray Dataset) so that readers never
+    see a partial result (module docs).
 
     Refuses (InputError) to replace anything but a results store repscope wrote."""
-    ds = ds.assign_attrs({MARKER: new_write_id()})
+    results = _as_results(results)
+    results = {**results, "attrs": {**results.get("attrs", {}), MARKER: new_write_id()}}
     path = local_path(url)
     if path is None:
-        _write_object_store(ds, url, storage_options)
+        _write_object_store(results, url, storage_options)
     else:
-        _write_local(ds, Path(os.path.abspath(path)))
+        _write_local(results, Path(os.path.abspath(path)))
 
 
-def _write_local(ds, path: Path) -> None:
+def _write_local(results: dict, path: Path) -> None:
     import fsspec
 
     legacy = legacy_link(path)  # repscope 0.2's layout: replaced by a plain folder
@@ -380,7 +449,7 @@ def _write_local(ds, path: Path) -> None:
     try:
         _write_owner(temp, target.name, complete=False)
         try:
-            to_zarr(ds, str(temp / "data"), None)
+            to_zarr(results, str(temp / "data"), None)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise

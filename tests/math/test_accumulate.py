@@ -188,3 +188,30 @@ def test_a_task_starts_with_a_small_block_then_full_ones():
             assert all(b - a == block for a, b in blocks[1:-1])
         else:
             assert blocks == []
+
+
+def test_a_group_is_read_side_by_side_into_reused_memory(tmp_path):
+    """A group of units of different widths and storage dtypes reads as their concatenation;
+    a slot's next block lands in the same memory, and the units pass through one scratch
+    array per dtype (memory touched for the first time is what a task pays for)."""
+    from repscope.cluster.tasks import Buffers, UnitRef, read_group
+    from repscope.store import ActivationStore, ingest_array
+
+    store = ActivationStore.create(str(tmp_path / "acts.zarr"))
+    widths = {"a": (7, "float32"), "b": (5, "float16"), "c": (9, "float32")}
+    data = {}
+    for k, (layer, (width, dtype)) in enumerate(widths.items()):
+        data[layer] = _data(300, width, seed=k)
+        ingest_array(store, "m", layer, data[layer], dtype=dtype)
+    units = tuple(UnitRef("m", layer) for layer in widths)
+    buffers = Buffers()
+    first = read_group(store, units, 0, 100, out=buffers.slot(0))
+    first_rows = first.copy()
+    again = read_group(store, units, 100, 200, out=buffers.slot(0))
+    expected = np.concatenate([store.read("m", layer, 100, 200) for layer in widths], axis=1)
+    assert again.dtype == np.float32 and np.array_equal(again, expected)
+    assert np.array_equal(expected[:, 7:12], data["b"][100:200].astype(np.float16))
+    assert again.ctypes.data == first.ctypes.data  # the slot's memory, reused
+    scratch = [key for key in buffers.arrays if key[0] == "scratch"]
+    assert sorted(scratch) == [("scratch", "<f2"), ("scratch", "<f4")]
+    assert np.array_equal(read_group(store, units, 0, 100), first_rows)  # without a slot

@@ -126,7 +126,7 @@ def test_row_ranges_give_every_node_a_task():
     eight = plan_for(_spec(["linear_cka"]), store, workers=8, node_cpus=1)
     assert len(eight.row_ranges) == 8 and eight.threads == 1
     assert len(eight.row_ranges) * 8 * 6144**2 <= 8 * eight.memory_per_worker // 4
-    assert one.block_rows == 8192 and one.tile_block_rows(0, 0) == 16384
+    assert one.block_rows == 8192 and one.tile_block_rows(0, 0) == 8192
     tight = plan_for(_spec(["linear_cka"], memory_per_worker="64MiB"), store, workers=2)
     for a, b in tight.tiles:
         rows = tight.tile_block_rows(a, b)
