@@ -93,16 +93,16 @@ def read_group(store, units: tuple[UnitRef, ...], start: int, stop: int,
     from the previous block, each unit read into one scratch array and copied into its
     columns at once. Memory touched for the first time can cost more than the read itself
     (page faults of a VM: docs/performance.md)."""
+    if out is None:
+        parts = [store.read(u.model, u.layer, start, stop, version=u.version) for u in units]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
     infos = [store.unit_info(u.model, u.layer, version=u.version) for u in units]
     shape = (stop - start, sum(i.features for i in infos))
     dtype = np.result_type(*[i.dtype for i in infos])
     if len(units) == 1:  # read straight into the slot
         u = units[0]
         return store.read(u.model, u.layer, start, stop, version=u.version,
-                          out=None if out is None else out.group(shape, dtype))
-    if out is None:
-        return np.concatenate([store.read(u.model, u.layer, start, stop, version=u.version)
-                               for u in units], axis=1)
+                          out=out.group(shape, dtype))
     group = out.group(shape, dtype)
     column = 0
     for u, info in zip(units, infos, strict=True):

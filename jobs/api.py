@@ -14,6 +14,7 @@ from typing import Any
 from repscope.errors import InputError
 from repscope.jobs.pipeline import execute_job, to_results
 from repscope.jobs.results import open_results as _open_results
+from repscope.jobs.results import to_dataset
 from repscope.jobs.spec import spec_from_dict
 
 __all__ = ["compare", "open_results", "DEFAULT_METRICS"]
@@ -111,9 +112,7 @@ def compare(
                            write=output is not None, log=log)
     if output is not None:
         return open_results(output, storage_options)
-    import xarray as xr
-
-    return xr.Dataset.from_dict(to_results(spec, stats))
+    return to_dataset(to_results(spec, stats))
 
 
 def open_results(url: str, storage_options: dict | None = None):

@@ -130,9 +130,14 @@ def build_results(
 
 def build_dataset(*args, **kwargs):
     """``build_results`` as an xarray Dataset (same arguments)."""
+    return to_dataset(build_results(*args, **kwargs))
+
+
+def to_dataset(results: dict):
+    """``build_results``' dict as the xarray Dataset a reader of the store gets."""
     import xarray as xr
 
-    return xr.Dataset.from_dict(build_results(*args, **kwargs))
+    return xr.Dataset.from_dict(results)
 
 
 def new_write_id() -> str:
