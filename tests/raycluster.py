@@ -8,6 +8,7 @@ by name: other work may share the machine.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -40,11 +41,16 @@ class RayCluster:
     temp_dir: str = ""  # the cluster's own Ray temp dir (sessions, sockets, address file)
 
     def add_worker(self, num_cpus: int = 1) -> subprocess.Popen:
-        """Start one more node (`ray start --address ... --block`); returns its process."""
-        log = open(self.log_dir / f"worker-{len(self.workers)}.log", "w")  # noqa: SIM115
+        """Start one more node (`ray start --address ... --block`); returns its process.
+
+        The node carries one unit of a resource named after it, `worker_<index>`, so that
+        tests can tell which nodes the cluster holds alive (all share one IP address)."""
+        index = len(self.workers)
+        log = open(self.log_dir / f"worker-{index}.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(
             [RAY, "start", f"--address={self.address}", "--block",
              "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+             f"--resources={json.dumps({f'worker_{index}': 1})}",
              f"--temp-dir={self.temp_dir}", *node_ports()],
             stdout=log, stderr=subprocess.STDOUT, env=ray_env(), start_new_session=True,
         )

@@ -28,16 +28,21 @@ REPSCOPE = str(Path(sys.executable).with_name("repscope"))
 METRICS = ["linear_cka", "procrustes", "mean_cca"]
 
 
-def wait_for_nodes(cluster, count: int, timeout: float = 90) -> None:
+def wait_for_workers(cluster, timeout: float = 90) -> None:
+    """Until the worker nodes the cluster holds alive are exactly its running `ray start`
+    processes: a new node registers seconds after its start, and a node whose raylet was
+    killed stays alive in the GCS until it misses its health checks."""
     from ray.util.state import list_nodes
 
+    want = {f"worker_{i}" for i, w in enumerate(cluster.workers) if w.poll() is None}
     deadline = time.time() + timeout
     while time.time() < deadline:
-        alive = [n for n in list_nodes(address=cluster.dashboard) if n.state == "ALIVE"]
-        if len(alive) >= count:
+        alive = {name for n in list_nodes(address=cluster.dashboard) if n.state == "ALIVE"
+                 for name in n.resources_total if name.startswith("worker_")}
+        if alive == want:
             return
-        time.sleep(1)
-    raise RuntimeError(f"only {len(alive)} of {count} nodes came up")
+        time.sleep(0.5)
+    raise RuntimeError(f"alive worker nodes {sorted(alive)}, expected {sorted(want)}")
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +128,9 @@ def assert_same(a: Path, b: Path) -> None:
 
 def test_worker_node_raylet_killed_mid_job(cluster, job):
     worker_a = cluster.add_worker(num_cpus=1)
-    wait_for_nodes(cluster, 2)  # one node at a time: simultaneous starts race for ports
+    wait_for_workers(cluster)  # one node at a time: simultaneous starts race for ports
     cluster.add_worker(num_cpus=1)
-    wait_for_nodes(cluster, 3)
+    wait_for_workers(cluster)
     baseline = finish(start_run(cluster, spec(job, "undisturbed")))
 
     proc = start_run(cluster, spec(job, "node-killed"))
@@ -139,7 +144,7 @@ def test_worker_node_raylet_killed_mid_job(cluster, job):
 
 def test_worker_process_killed_mid_job(cluster, job):
     node = cluster.add_worker(num_cpus=1)
-    wait_for_nodes(cluster, 3)
+    wait_for_workers(cluster)  # and the node killed before is known to be dead
     proc = start_run(cluster, spec(job, "worker-killed"))
     for p in wait_for_task_on(node):
         p.send_signal(signal.SIGKILL)
