@@ -83,7 +83,7 @@ def build_results(
 ) -> dict:
     """A result of (U, U) matrices with labelled unit axes, as a plain dict in the form of
     xarray's ``Dataset.to_dict(data="array")`` (``to_zarr`` writes it without xarray, which
-    a job would otherwise spend a second importing; ``build_dataset`` makes it a Dataset).
+    a job would otherwise spend a second importing; ``to_dataset`` makes it a Dataset).
 
     keys: optional content keys of the units (nightly runs), stored as coordinates
     ``key_x`` and ``key_y``. bounds: optional {metric: (lower, upper)} confidence bounds,
@@ -126,11 +126,6 @@ def build_results(
         "directions": json.dumps(directions),
     }
     return {"coords": coords, "data_vars": data_vars, "attrs": {**base, **attrs}}
-
-
-def build_dataset(*args, **kwargs):
-    """``build_results`` as an xarray Dataset (same arguments)."""
-    return to_dataset(build_results(*args, **kwargs))
 
 
 def to_dataset(results: dict):

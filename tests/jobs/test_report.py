@@ -14,7 +14,7 @@ from repscope.errors import ConflictError
 from repscope.jobs import report as rp
 from repscope.jobs.cli import build_parser, main
 from repscope.jobs.report_files import MANIFEST, file_stems
-from repscope.jobs.results import build_dataset, open_results
+from repscope.jobs.results import build_results, open_results, to_dataset
 from tests.jobs.reportdata import METRICS, MODELS, bootstrap_results, nightly_results, shared
 
 
@@ -65,8 +65,9 @@ def small_ds(spread: tuple[float, float], with_bounds: bool = True, models=("p",
     cka = rng.uniform(*spread, size=(len(units),) * 2)
     mats = {"linear_cka": cka, "procrustes": 2 - 2 * cka}
     bounds = {k: (v - 0.01, v + 0.02) for k, v in mats.items()} if with_bounds else None
-    return build_dataset(mats, units, {"linear_cka": "similarity", "procrustes": "distance"},
-                         {}, bounds=bounds)
+    return to_dataset(build_results(
+        mats, units, {"linear_cka": "similarity", "procrustes": "distance"}, {},
+        bounds=bounds))
 
 
 def test_heatmaps_use_natural_ranges_and_write_values(tmp_path):
@@ -172,9 +173,10 @@ def test_series_rule():
     def named(*names, nightly=False):
         units = [(m, "l") for m in names]
         eye = np.eye(len(units))
-        return build_dataset({"linear_cka": eye}, units, {"linear_cka": "similarity"},
-                             {"kind": "nightly" if nightly else "run"},
-                             keys=[str(k) for k in range(len(units))])
+        return to_dataset(build_results({"linear_cka": eye}, units,
+                                        {"linear_cka": "similarity"},
+                                        {"kind": "nightly" if nightly else "run"},
+                                        keys=[str(k) for k in range(len(units))]))
 
     found = rp.series(named("ckpt0", "ckpt10", "ckpt2"))
     assert found.models == ["ckpt0", "ckpt2", "ckpt10"] and found.noun == "checkpoint"
@@ -216,8 +218,8 @@ def test_nightly_over_seeds_says_model():
 
     matplotlib.use("Agg")
     units = [(m, layer) for m in ("seed1", "seed2", "seed3") for layer in ("l1", "l2")]
-    ds = build_dataset({"pwcca": np.eye(6)}, units, {"pwcca": "similarity"},
-                       {"kind": "nightly"}, keys=[f"key{k}" for k in range(6)])
+    ds = to_dataset(build_results({"pwcca": np.eye(6)}, units, {"pwcca": "similarity"},
+                                  {"kind": "nightly"}, keys=[f"key{k}" for k in range(6)]))
     fig = rp.trend_figure(ds, "pwcca", rp.series(ds))
     assert {ax.get_xlabel() for ax in fig.axes} == {"model"}
     assert "previous model" in fig.axes[0].get_title()

@@ -21,7 +21,7 @@ import pytest
 
 import repscope.jobs.commands
 from repscope.jobs.cli import describe_error, main
-from repscope.jobs.results import build_dataset, write_results
+from repscope.jobs.results import build_results, write_results
 from tests.jobs.conftest import make_store
 from tests.raycluster import free_port
 from tests.reliability.snapshots import snapshot
@@ -44,9 +44,9 @@ def spec(tmp: Path, output: str = "r.zarr", extra: str = "", store: str = "acts.
 
 
 def results_store(tmp: Path, name: str = "r.zarr") -> str:
-    ds = build_dataset({"linear_cka": np.eye(2)}, [("m", "a"), ("m", "b")],
-                       {"linear_cka": "similarity"}, {"spec_identity": "{}"})
-    write_results(ds, str(tmp / name))
+    results = build_results({"linear_cka": np.eye(2)}, [("m", "a"), ("m", "b")],
+                            {"linear_cka": "similarity"}, {"spec_identity": "{}"})
+    write_results(results, str(tmp / name))
     return name
 
 

@@ -13,15 +13,15 @@ import xarray as xr
 from repscope.errors import InputError
 from repscope.jobs.cli import main
 from repscope.jobs.outputs import check_output_safe
-from repscope.jobs.results import build_dataset, open_results, write_results
+from repscope.jobs.results import build_results, open_results, to_dataset, write_results
 from tests.jobs.conftest import make_store
 from tests.reliability.snapshots import snapshot
 
 
 def results(value: float = 1.0):
     units = [("m", "l1"), ("m", "l2")]
-    return build_dataset({"linear_cka": np.full((2, 2), value)}, units,
-                         {"linear_cka": "similarity"}, {"spec_identity": "x"})
+    return to_dataset(build_results({"linear_cka": np.full((2, 2), value)}, units,
+                                    {"linear_cka": "similarity"}, {"spec_identity": "x"}))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import xarray as xr
 from repscope.errors import ConflictError
 from repscope.jobs.lock import output_lock
 from repscope.jobs.pipeline import run_job
-from repscope.jobs.results import build_dataset, open_results, write_results
+from repscope.jobs.results import build_results, open_results, to_dataset, write_results
 from repscope.jobs.spec import parse_spec
 from tests.jobs.conftest import make_store
 
@@ -25,7 +25,7 @@ UNITS = [("m", f"l{i}") for i in range(8)]
 def dataset(value: float):
     mats = {name: np.full((8, 8), value) for name in ("linear_cka", "procrustes", "pwcca")}
     dirs = {"linear_cka": "similarity", "procrustes": "distance", "pwcca": "similarity"}
-    return build_dataset(mats, UNITS, dirs, {"run": value})
+    return to_dataset(build_results(mats, UNITS, dirs, {"run": value}))
 
 
 @pytest.mark.filterwarnings("ignore:Consolidated metadata")  # the raw read at the end

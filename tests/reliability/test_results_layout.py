@@ -15,13 +15,13 @@ import xarray as xr
 
 from repscope.jobs.lock import output_lock
 from repscope.jobs.outputs import TEMP_OWNER, clean_leftovers
-from repscope.jobs.results import build_dataset, open_results, to_zarr, write_results
+from repscope.jobs.results import build_results, open_results, to_dataset, to_zarr, write_results
 
 UNITS = [("m", "l1"), ("m", "l2"), ("n", "l1")]
 
 
-def dataset(value: float):
-    return build_dataset({"linear_cka": np.full((3, 3), value)}, UNITS,
+def result(value: float):
+    return build_results({"linear_cka": np.full((3, 3), value)}, UNITS,
                          {"linear_cka": "similarity"}, {"run": value, "spec_identity": "s"})
 
 
@@ -31,8 +31,8 @@ def value(url: str) -> float:
 
 def test_cp_and_rm_work_as_on_any_folder(tmp_path):
     out = tmp_path / "runs" / "r.zarr"
-    write_results(dataset(1.0), str(out))
-    write_results(dataset(2.0), str(out))
+    write_results(result(1.0), str(out))
+    write_results(result(2.0), str(out))
     assert out.is_dir() and not out.is_symlink()
     assert os.listdir(out.parent) == ["r.zarr"]
 
@@ -60,7 +60,7 @@ def test_a_finished_run_leaves_only_its_output(tmp_path):
     unit = UnitMoments(n=3, mean=np.zeros(2), cxx=np.eye(2), sum_a2=None)
     state.put("tiles", "k1", unit)
     state.put("caches", "k2", unit)
-    write_results(dataset(1.0), out)
+    write_results(result(1.0), out)
     state.remove("tiles", ["k1"])
     assert (tmp_path / "r.zarr.state" / "caches").is_dir()
     state.remove("caches", ["k2"])
@@ -70,10 +70,10 @@ def test_a_finished_run_leaves_only_its_output(tmp_path):
 def test_a_users_link_is_kept_and_written_through(tmp_path):
     (tmp_path / "big-disk").mkdir()
     target = tmp_path / "big-disk" / "r.zarr"
-    write_results(dataset(1.0), str(target))
+    write_results(result(1.0), str(target))
     link = tmp_path / "r.zarr"
     link.symlink_to(target)
-    write_results(dataset(2.0), str(link))
+    write_results(result(2.0), str(link))
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert value(str(target)) == 2.0 and value(str(link)) == 2.0
     assert os.listdir(target.parent) == ["r.zarr"]
@@ -89,9 +89,9 @@ def _temp(parent: Path, name: str, token: str, complete: bool) -> Path:
 
 def test_a_write_killed_before_its_swap_is_removed(tmp_path, capsys):
     out = tmp_path / "r.zarr"
-    write_results(dataset(1.0), str(out))
+    write_results(result(1.0), str(out))
     temp = _temp(tmp_path, "r.zarr", "0123abcd", complete=False)
-    to_zarr(dataset(9.0), str(temp / "data"), None)  # half a write, as far as anyone knows
+    to_zarr(result(9.0), str(temp / "data"), None)  # half a write, as far as anyone knows
     # look-alikes repscope cannot prove it wrote are kept
     (tmp_path / ".r.zarr.repscope-ffffffff").mkdir()
     (tmp_path / ".r.zarr.repscope-ffffffff" / "mine.txt").write_text("precious")
@@ -107,9 +107,9 @@ def test_a_swap_killed_between_its_two_renames_is_finished(tmp_path, complete):
     """Without RENAME_EXCHANGE a swap is two renames; killed between them there is no
     output: the complete new result is moved into place, else the previous one."""
     out = tmp_path / "r.zarr"
-    write_results(dataset(1.0), str(out))
+    write_results(result(1.0), str(out))
     temp = _temp(tmp_path, "r.zarr", "0123abcd", complete=complete)
-    to_zarr(dataset(2.0), str(temp / "data"), None)
+    to_zarr(result(2.0), str(temp / "data"), None)
     os.rename(out, temp / "old")
     clean_leftovers(str(out))
     assert os.listdir(tmp_path) == ["r.zarr"]
@@ -121,8 +121,9 @@ def _legacy_layout(tmp_path: Path, value_: float) -> Path:
     versions = tmp_path / ".r.zarr.versions"
     versions.mkdir()
     for k, v in enumerate((value_ - 1, value_)):
-        dataset(v).to_zarr(versions / f"2025010{k}T000000-abcd000{k}", mode="w", zarr_format=3,
-                   consolidated=True)
+        # written by xarray itself, as 0.2 did
+        to_dataset(result(v)).to_zarr(versions / f"2025010{k}T000000-abcd000{k}", mode="w",
+                                      zarr_format=3, consolidated=True)
     out = tmp_path / "r.zarr"
     out.symlink_to(".r.zarr.versions/20250101T000000-abcd0001")
     return out
@@ -133,7 +134,7 @@ def test_the_0_2_layout_is_read_and_replaced_by_a_plain_folder(tmp_path):
     out = _legacy_layout(tmp_path, 5.0)
     assert value(str(out)) == 5.0
     (tmp_path / ".r.zarr.versions" / "keep-me.txt").write_text("not repscope's")
-    write_results(dataset(6.0), str(out))
+    write_results(result(6.0), str(out))
     assert out.is_dir() and not out.is_symlink() and value(str(out)) == 6.0
     # the old versions are gone; what repscope cannot prove it wrote stays
     assert os.listdir(tmp_path / ".r.zarr.versions") == ["keep-me.txt"]
@@ -157,8 +158,8 @@ def test_object_store_leftovers_are_finished_or_removed_by_the_next_run(s3_serve
     fs = fsspec.filesystem("s3", **options)
     for committed in (True, False):
         out = s3_server.url()
-        write_results(dataset(1.0), out, options)
-        to_zarr(dataset(2.0), _staging(out), options)  # a writer killed after step 1 ...
+        write_results(result(1.0), out, options)
+        to_zarr(result(2.0), _staging(out), options)  # a writer killed after step 1 ...
         if committed:  # ... or after its commit point
             with fs.open(_marker(out, options)[1], "w") as f:
                 f.write("committing")

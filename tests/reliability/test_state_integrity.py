@@ -86,11 +86,11 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, capsys):
     (root / "partials" / "live.npz.partial-0a1b2c3e").write_bytes(b"being written")
     (root / "partials" / "notes.txt").write_text("not repscope's: kept")
     # a nightly snapshot killed mid-write: metadata without consolidation (its last step)
-    ds = open_results_free_dataset()
+    results = small_results()
     history = Path(state.history_url("2026-01-01T000000Z"))
-    to_zarr(ds, str(history), None)
+    to_zarr(results, str(history), None)
     complete = Path(state.history_url("2026-01-02T000000Z"))
-    to_zarr(ds, str(complete), None)
+    to_zarr(results, str(complete), None)
     meta = (history / "zarr.json").read_text().replace('"consolidated_metadata"', '"x"')
     (history / "zarr.json").write_text(meta)
     assert state.history() == [f"{out}.state/history/2026-01-02T000000Z.zarr"]
@@ -102,10 +102,10 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, capsys):
     assert not history.exists() and complete.exists()
 
 
-def open_results_free_dataset():
-    from repscope.jobs.results import build_dataset
+def small_results():
+    from repscope.jobs.results import build_results
 
-    return build_dataset({"linear_cka": np.eye(2)}, [("m", "a"), ("m", "b")],
+    return build_results({"linear_cka": np.eye(2)}, [("m", "a"), ("m", "b")],
                          {"linear_cka": "similarity"}, {})
 
 
